@@ -1,0 +1,7 @@
+"""Thin Lightning adapters: one callback per check, and the GradientAudit bundle."""
+
+from grad_callbacks.callbacks.audit import GradientAudit
+from grad_callbacks.callbacks.base import AuditCallback
+from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
+
+__all__ = ["AuditCallback", "GradientAudit", "ZeroGradCheck"]

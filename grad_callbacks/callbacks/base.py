@@ -1,0 +1,286 @@
+"""The base of every check's Lightning callback: findings policy, state, DDP gathering, outputs.
+
+A check subclasses :class:`AuditCallback`, maps Lightning hooks to calls into the core, and
+reports :class:`~grad_callbacks.findings.Finding` objects with :meth:`AuditCallback.report`.
+The base class does the rest:
+
+* the ``on_finding`` policy (``"warn"``: one warning per distinct finding; ``"raise"``:
+  :class:`~grad_callbacks.findings.GradientAuditError` on error findings; ``"log"``: record only);
+* gathering findings from every DDP rank at epoch and fit end, in hooks every rank runs;
+* the outputs shared by all checks of a trainer, written once by the first audit callback (the
+  *leader*): the findings text and custom-scalars layout in TensorBoard, and ``grad_audit.json``
+  at the end of fit, also when fit ends by an exception or interrupt;
+* ``state_dict`` / ``load_state_dict`` with a ``state_key`` derived from the settings, so
+  several instances of a check can coexist in one checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from grad_callbacks.findings import (
+    SEVERITY_RANK,
+    Finding,
+    FindingLog,
+    GradientAuditError,
+)
+from grad_callbacks.sinks import tensorboard as tb
+from grad_callbacks.sinks.report import build_report, write_report
+from grad_callbacks.sinks.warnings import warn_finding
+
+OnFinding = Literal["warn", "raise", "log"]
+_POLICIES = ("warn", "raise", "log")
+
+
+class AuditCallback(pl.Callback):
+    """Base class of the checks.
+
+    Args:
+        every_n_steps: run the periodic part of the check every this many optimizer steps.
+        on_finding: ``"warn"`` (default), ``"raise"`` or ``"log"``.
+    """
+
+    #: Name used in findings, reports and TensorBoard tags.
+    check_name: ClassVar[str] = "AuditCallback"
+    #: Short tag prefix under ``grad_audit/`` for this check's scalars.
+    metric_prefix: ClassVar[str] = "check"
+
+    def __init__(self, *, every_n_steps: int = 1, on_finding: OnFinding = "warn") -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        if on_finding not in _POLICIES:
+            raise ValueError(f"on_finding must be one of {_POLICIES}, got {on_finding!r}")
+        self.every_n_steps = every_n_steps
+        self.on_finding: OnFinding = on_finding
+        self._log = FindingLog()
+        self._remote: dict[int, list[Finding]] = {}
+        self._announced: set[tuple[str, tuple[str, ...]]] = set()
+        self.seconds_spent = 0.0
+        self.steps_checked = 0
+        self._pending_scalars: dict[str, float] = {}
+        self._text_dirty = False
+        self._report_written = False
+        self._trainer: pl.Trainer | None = None
+        self._is_leader = False
+        self._owner: AuditCallback | None = None
+
+    # ------------------------------------------------------------------ identity and state
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings that identify this instance (used in reports, state_key)."""
+        return {"every_n_steps": self.every_n_steps, "on_finding": self.on_finding}
+
+    @property
+    def state_key(self) -> str:
+        settings = {k: v for k, v in self.settings().items() if k != "on_finding"}
+        return self._generate_state_key(**settings)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Check-specific state to checkpoint (override with :meth:`load_extra_state`)."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "findings": self._log.state_dict(),
+            "remote": {r: [f.to_dict() for f in fs] for r, fs in self._remote.items()},
+            "seconds_spent": self.seconds_spent,
+            "steps_checked": self.steps_checked,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._log.load_state_dict(state_dict.get("findings", []))
+        self._remote = {
+            int(r): [Finding.from_dict(f) for f in fs]
+            for r, fs in state_dict.get("remote", {}).items()
+        }
+        self.seconds_spent = float(state_dict.get("seconds_spent", 0.0))
+        self.steps_checked = int(state_dict.get("steps_checked", 0))
+        self._announced = {f.key for f in self.findings}
+        self.load_extra_state(state_dict.get("extra", {}))
+
+    # ------------------------------------------------------------------ findings
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings of this check, from every rank once gathered, de-duplicated."""
+        if not self._remote:
+            return self._log.findings
+        merged = FindingLog()
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        for r in sorted({rank, *self._remote}):
+            for f in self._log.findings if r == rank else self._remote[r]:
+                merged.merge(f, r)
+        return merged.findings
+
+    def report(self, finding: Finding) -> None:
+        """Record a finding and apply the ``on_finding`` policy to it."""
+        new = self._log.add(finding)
+        if not new:
+            return
+        self._text_dirty = True
+        if self.on_finding == "raise" and finding.severity == "error":
+            raise GradientAuditError(finding)
+        if self._may_announce(finding):
+            self._announced.add(finding.key)
+            warn_finding(finding)
+
+    def _may_announce(self, finding: Finding) -> bool:
+        if self.on_finding == "log" or finding.key in self._announced:
+            return False
+        # Other ranks' findings are announced by rank 0 once gathered.
+        return self._trainer is None or self._trainer.is_global_zero
+
+    @property
+    def current_step(self) -> int:
+        """The trainer's global step (what ``self.log`` would stamp), 0 before fit."""
+        return self._trainer.global_step if self._trainer is not None else 0
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Count the time spent inside the block as this check's time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds_spent += time.perf_counter() - start
+
+    def queue_scalars(self, metrics: Mapping[str, float]) -> None:
+        """Queue scalars (tags relative to ``grad_audit/<metric_prefix>/``) for the next log."""
+        prefix = f"grad_audit/{self.metric_prefix}/"
+        self._pending_scalars.update({prefix + k: float(v) for k, v in metrics.items()})
+
+    def scalar_charts(self) -> dict[str, list[str]]:
+        """Custom-scalars charts of this check: chart title -> tag regexes."""
+        return {self.check_name: [f"grad_audit/{self.metric_prefix}/.*"]}
+
+    # ------------------------------------------------------------------ lifecycle used by all
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if stage == "fit":
+            self._report_written = False
+            self._is_leader = self._owner is None and _first_audit_callback(trainer) is self
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._is_leader:
+            writer = tb.tensorboard_writer(trainer)
+            if writer is not None:
+                charts: dict[str, list[str]] = {}
+                for check in audit_callbacks(trainer):
+                    charts.update(check.scalar_charts())
+                tb.write_layout(writer, charts)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._pending_scalars and trainer.global_step % trainer.log_every_n_steps == 0:
+            tb.log_scalars(trainer, self._pending_scalars, step=trainer.global_step)
+            self._pending_scalars = {}
+        if self._is_leader and any(c._text_dirty for c in audit_callbacks(trainer)):
+            self._write_findings_text(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._gather(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._gather(trainer)
+        if self._pending_scalars:
+            tb.log_scalars(trainer, self._pending_scalars, step=trainer.global_step)
+            self._pending_scalars = {}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._is_leader:
+            self._write_outputs(trainer, status="finished")
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._is_leader:
+            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            self._write_outputs(trainer, status=status, error=repr(exception))
+
+    # ------------------------------------------------------------------ internals
+    def _gather(self, trainer: pl.Trainer) -> None:
+        """Collect every rank's findings; every rank calls this at the same hooks."""
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, self._log.state_dict())
+        self._remote = {
+            r: [Finding.from_dict(f) for f in fs]
+            for r, fs in enumerate(gathered)
+            if r != trainer.global_rank
+        }
+        if trainer.is_global_zero:
+            for f in self.findings:
+                if self._may_announce(f):
+                    self._announced.add(f.key)
+                    self._text_dirty = True
+                    warn_finding(f)
+
+    def _write_findings_text(self, trainer: pl.Trainer) -> None:
+        checks = audit_callbacks(trainer)
+        writer = tb.tensorboard_writer(trainer)
+        if writer is not None:
+            findings = [f for c in checks for f in c.findings]
+            tb.write_findings_text(writer, findings, step=trainer.global_step)
+        for c in checks:
+            c._text_dirty = False
+
+    def _write_outputs(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
+        if self._report_written or not trainer.is_global_zero:
+            return
+        self._report_written = True
+        checks = audit_callbacks(trainer)
+        self._write_findings_text(trainer)
+        report = build_report(
+            [c.report_entry() for c in checks],
+            status=status,
+            global_step=trainer.global_step,
+            world_size=trainer.world_size,
+            error=error,
+        )
+        write_report(trainer.log_dir or trainer.default_root_dir, report)
+
+    def report_entry(self) -> dict[str, Any]:
+        """This check's section of the report."""
+        findings = sorted(self.findings, key=lambda f: (-SEVERITY_RANK[f.severity], f.step))
+        return {
+            "name": self.check_name,
+            "state_key": self.state_key,
+            "settings": self.settings(),
+            "steps_checked": self.steps_checked,
+            "seconds": round(self.seconds_spent, 6),
+            "findings": [f.to_dict() for f in findings],
+        }
+
+
+def audit_callbacks(trainer: pl.Trainer) -> list[AuditCallback]:
+    """Every audit check attached to ``trainer``, those inside a ``GradientAudit`` included."""
+    found: list[AuditCallback] = []
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        children = getattr(cb, "checks", None)
+        if isinstance(cb, AuditCallback) and children is not None:
+            found.extend(children)
+        elif isinstance(cb, AuditCallback):
+            found.append(cb)
+    return found
+
+
+def _first_audit_callback(trainer: pl.Trainer) -> pl.Callback | None:
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, AuditCallback):
+            return cb
+    return None

@@ -1,0 +1,198 @@
+"""ZeroGradCheck: missing ``zero_grad``, stale and leaking gradients, accumulation windows.
+
+A thin adapter: it builds a :class:`~grad_callbacks.core.ledger.GradientLedger` over the
+trainer's optimizers when training starts and turns each step's
+:class:`~grad_callbacks.core.ledger.StepAudit` into findings.
+
+Example:
+    >>> import lightning as L
+    >>> trainer = L.Trainer(callbacks=[ZeroGradCheck()], logger=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+
+from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.core.ledger import GradientLedger, StepAudit
+from grad_callbacks.findings import CODES, make_finding
+
+_MAX_NAMES = 6
+
+
+def _names(params: Sequence[str]) -> str:
+    shown = ", ".join(params[:_MAX_NAMES])
+    return shown + (f" and {len(params) - _MAX_NAMES} more" if len(params) > _MAX_NAMES else "")
+
+
+class ZeroGradCheck(AuditCallback):
+    """Checks that every optimizer step consumes fresh gradients, and only its own.
+
+    Works every step (the bookkeeping is a few host operations per parameter, with no
+    host-device synchronisation); ``every_n_steps`` only spaces the scalars it logs.
+    Automatic and manual optimization (``manual_backward`` or a raw ``loss.backward()``), any
+    number of optimizers, gradient accumulation, clipping and mixed precision: a step skipped by
+    a GradScaler is not an optimizer step and is not audited.
+
+    Findings: ``missing-zero-grad``, ``gradient-leak``, ``stale-grad``,
+    ``short-accumulation-window``.
+
+    Args:
+        every_n_steps: log the check's scalars every this many steps.
+        on_finding: ``"warn"``, ``"raise"`` or ``"log"``.
+    """
+
+    check_name = "ZeroGradCheck"
+    metric_prefix = "zero_grad"
+
+    def __init__(self, *, every_n_steps: int = 1, on_finding: OnFinding = "warn") -> None:
+        super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
+        self._ledger: GradientLedger | None = None
+        self._accumulate = 1
+        self._automatic = True
+        self._optimizer_names: list[str] = []
+        self._steps_taken: list[int] = []
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._accumulate = int(trainer.accumulate_grad_batches)
+        self._automatic = bool(pl_module.automatic_optimization)
+        optimizers = list(trainer.optimizers)
+        self._optimizer_names = [
+            f"optimizer {i} ({type(opt).__name__})" for i, opt in enumerate(optimizers)
+        ]
+        self._ledger = GradientLedger(
+            pl_module.named_parameters(), optimizers, on_step=self._on_step
+        )
+        if len(self._steps_taken) == len(optimizers):
+            self._ledger.steps_taken = list(self._steps_taken)
+        self._ledger.attach()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._ledger is not None:
+            self._ledger.refresh()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+        super().on_train_end(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._ledger is not None:
+            self._steps_taken = list(self._ledger.steps_taken)
+            self._ledger.detach()
+            self._ledger = None
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, Any]:
+        steps = self._ledger.steps_taken if self._ledger is not None else self._steps_taken
+        return {"steps_taken": list(steps)}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._steps_taken = [int(s) for s in state.get("steps_taken", [])]
+
+    # ------------------------------------------------------------------ audit -> findings
+    def _on_step(self, audit: StepAudit) -> None:
+        with self.timed():
+            self.steps_checked += 1
+            step = self.current_step
+            opt = self._optimizer_names[audit.optimizer_index]
+            suffix = f"_opt{audit.optimizer_index}" if len(self._optimizer_names) > 1 else ""
+            if step % self.every_n_steps == 0:
+                self.queue_scalars(
+                    {
+                        f"microbatches{suffix}": audit.microbatches,
+                        f"uncleared_params{suffix}": len(audit.uncleared),
+                        f"stale_params{suffix}": len(audit.stale),
+                        f"leaked_params{suffix}": len(audit.leaked),
+                    }
+                )
+            findings = []
+            if audit.uncleared:
+                findings.append(
+                    make_finding(
+                        "missing-zero-grad",
+                        check=self.check_name,
+                        step=step,
+                        params=audit.uncleared,
+                        message=(
+                            f"{opt} stepped on gradients that still held contributions from "
+                            f"backward passes before its previous step, in "
+                            f"{len(audit.uncleared)} parameter(s): {_names(audit.uncleared)}. "
+                            f"Fix: {CODES['missing-zero-grad'].fix}."
+                        ),
+                        data={
+                            "optimizer": audit.optimizer_index,
+                            "microbatches": audit.microbatches,
+                            "params_with_grad": audit.params_with_grad,
+                        },
+                    )
+                )
+            if audit.leaked:
+                others = ", ".join(self._optimizer_names[j] for j in audit.leaked_from)
+                findings.append(
+                    make_finding(
+                        "gradient-leak",
+                        check=self.check_name,
+                        step=step,
+                        params=audit.leaked,
+                        message=(
+                            f"{opt} stepped on gradients from a backward pass that {others} had "
+                            f"already stepped on, with another backward pass in between, in "
+                            f"{len(audit.leaked)} parameter(s): {_names(audit.leaked)}. "
+                            f"Fix: {CODES['gradient-leak'].fix}."
+                        ),
+                        data={
+                            "optimizer": audit.optimizer_index,
+                            "leaked_from": list(audit.leaked_from),
+                        },
+                    )
+                )
+            if audit.stale:
+                findings.append(
+                    make_finding(
+                        "stale-grad",
+                        check=self.check_name,
+                        step=step,
+                        params=audit.stale,
+                        message=(
+                            f"{opt} applied an old gradient again: {len(audit.stale)} "
+                            f"parameter(s) got no contribution since its previous step but kept "
+                            f"their gradient: {_names(audit.stale)}. "
+                            f"Fix: {CODES['stale-grad'].fix}."
+                        ),
+                        data={"optimizer": audit.optimizer_index},
+                    )
+                )
+            k, n = audit.microbatches, self._accumulate
+            if self._automatic and n > 1 and 0 < k < n and audit.clean:
+                findings.append(
+                    make_finding(
+                        "short-accumulation-window",
+                        check=self.check_name,
+                        step=step,
+                        message=(
+                            f"{opt} stepped after {k} of accumulate_grad_batches={n} "
+                            f"micro-batches, so this update weighs {k}/{n} = {k / n:.2f} of a "
+                            f"full one (Lightning steps on the last batch of an epoch and keeps "
+                            f"the 1/{n} loss scale). Fix: {CODES['short-accumulation-window'].fix}."
+                        ),
+                        data={"microbatches": k, "accumulate_grad_batches": n, "weight": k / n},
+                    )
+                )
+        for finding in findings:
+            self.report(finding)

@@ -1,0 +1,1 @@
+"""Where findings and metrics go: Python warnings, TensorBoard, the JSON report."""

@@ -1,0 +1,268 @@
+"""A shared zoo of small clean and broken LightningModules, and a quick trainer factory."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LitLogger.*")
+
+
+def regression_data(n: int = 28, features: int = 8, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def image_data(n: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def fit(
+    module: L.LightningModule,
+    callbacks: Sequence[L.Callback] = (),
+    data: DataLoader | None = None,
+    **trainer_kwargs: Any,
+) -> L.Trainer:
+    """Train ``module`` for one epoch on CPU with everything but the callbacks switched off."""
+    kwargs: dict[str, Any] = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    kwargs.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=list(callbacks), **kwargs)
+    trainer.fit(module, data if data is not None else regression_data())
+    return trainer
+
+
+class MLP(L.LightningModule):
+    """A clean MLP regressor (automatic optimization)."""
+
+    def __init__(self, optimizer: str = "sgd", features: int = 8) -> None:
+        super().__init__()
+        self.optimizer_name = optimizer
+        self.net = nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+        return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9)
+
+
+class CNN(L.LightningModule):
+    """A clean small CNN classifier."""
+
+    def __init__(self, optimizer: str = "adam") -> None:
+        super().__init__()
+        self.optimizer_name = optimizer
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 3),
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class NoZeroGradAutomatic(MLP):
+    """Broken: ``optimizer_zero_grad`` overridden to do nothing."""
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        pass
+
+
+class SetToNoneFalse(MLP):
+    """Clean: zeroes gradients in place instead of setting them to None."""
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        optimizer.zero_grad(set_to_none=False)
+
+
+class FrozenBackbone(MLP):
+    """Clean: the first layer is frozen; the optimizer gets only trainable parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[0].requires_grad_(False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+class TwoHeads(L.LightningModule):
+    """Automatic optimization; the auxiliary head is used on even batches only.
+
+    ``zero_grad_scope="all"`` is clean. ``"backbone"`` clears only the backbone and main head
+    (a broken custom ``optimizer_zero_grad``), so the auxiliary head's old gradient is applied
+    again on odd batches (``stale-grad``) and accumulated on even ones (``missing-zero-grad``).
+    """
+
+    def __init__(self, zero_grad_scope: str = "all", set_to_none: bool = True) -> None:
+        super().__init__()
+        self.zero_grad_scope = zero_grad_scope
+        self.set_to_none = set_to_none
+        self.backbone = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+        self.aux = nn.Linear(8, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = torch.tanh(self.backbone(x))
+        loss = nn.functional.mse_loss(self.head(h), y)
+        if batch_idx % 2 == 0:
+            loss = loss + 0.1 * self.aux(h).pow(2).mean()
+        return loss
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        if self.zero_grad_scope == "all":
+            optimizer.zero_grad(set_to_none=self.set_to_none)
+        else:
+            self.backbone.zero_grad(set_to_none=self.set_to_none)
+            self.head.zero_grad(set_to_none=self.set_to_none)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+class ManualMLP(L.LightningModule):
+    """Manual optimization; ``zero_grad=False`` forgets ``opt.zero_grad()`` (broken).
+
+    ``accumulate`` > 1 accumulates that many micro-batches per step by hand (clean when
+    ``zero_grad`` is True). ``raw_backward`` calls ``loss.backward()`` instead of
+    ``self.manual_backward``.
+    """
+
+    def __init__(self, zero_grad: bool = True, accumulate: int = 1, raw_backward: bool = False):
+        super().__init__()
+        self.automatic_optimization = False
+        self.zero_grad_enabled = zero_grad
+        self.accumulate = accumulate
+        self.raw_backward = raw_backward
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y) / self.accumulate
+        if self.raw_backward:
+            loss.backward()
+        else:
+            self.manual_backward(loss)
+        if (batch_idx + 1) % self.accumulate == 0:
+            opt.step()
+            if self.zero_grad_enabled:
+                opt.zero_grad()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+class GAN(L.LightningModule):
+    """A tiny GAN with manual optimization and two optimizers.
+
+    ``mode``:
+        * ``"toggle"``: Lightning's recipe with ``toggle_optimizer`` (clean);
+        * ``"zero_first"``: no toggling, each optimizer clears its gradients before its own
+          backward pass (clean);
+        * ``"leak"``: the generator step runs first and the discriminator's gradients are only
+          cleared after its step, so the generator loss's gradient reaches the discriminator's
+          step (broken: ``gradient-leak``).
+    """
+
+    def __init__(self, mode: str = "toggle") -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.mode = mode
+        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def _losses(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(real.shape[0], 4)
+        fake = self.generator(z)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones = torch.ones(real.shape[0], 1)
+        g_loss = bce(self.discriminator(fake), ones)
+        d_loss = bce(self.discriminator(real), ones) + bce(
+            self.discriminator(fake.detach()), torch.zeros_like(ones)
+        )
+        return g_loss, d_loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real = batch[0]
+        opt_g, opt_d = self.optimizers()
+        if self.mode == "toggle":
+            g_loss, d_loss = self._losses(real)
+            self.toggle_optimizer(opt_d)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            opt_d.zero_grad()
+            self.untoggle_optimizer(opt_d)
+            self.toggle_optimizer(opt_g)
+            g_loss, _ = self._losses(real)
+            self.manual_backward(g_loss)
+            opt_g.step()
+            opt_g.zero_grad()
+            self.untoggle_optimizer(opt_g)
+        elif self.mode == "zero_first":
+            g_loss, d_loss = self._losses(real)
+            opt_g.zero_grad()
+            self.manual_backward(g_loss, retain_graph=True)
+            opt_g.step()
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+        else:  # leak
+            g_loss, d_loss = self._losses(real)
+            opt_g.zero_grad()
+            self.manual_backward(g_loss, retain_graph=True)
+            opt_g.step()
+            self.manual_backward(d_loss)
+            opt_d.step()
+            opt_d.zero_grad()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=1e-3),
+            torch.optim.Adam(self.discriminator.parameters(), lr=1e-3),
+        ]
+
+
+def gan_data(n: int = 24, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(n, 8, generator=g)), batch_size=batch_size)
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
