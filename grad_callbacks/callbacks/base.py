@@ -4,7 +4,8 @@ A check subclasses :class:`AuditCallback`, maps Lightning hooks to calls into th
 reports :class:`~grad_callbacks.findings.Finding` objects with :meth:`AuditCallback.report`.
 The base class does the rest:
 
-* the ``on_finding`` policy (``"warn"``: one warning per distinct finding; ``"raise"``:
+* the ``on_finding`` policy (``"warn"``: one warning per distinct warning- or error-severity
+  finding, info findings are only recorded; ``"raise"``:
   :class:`~grad_callbacks.findings.GradientAuditError` on error findings; ``"log"``: record only);
 * gathering findings from every DDP rank at epoch and fit end, in hooks every rank runs;
 * the outputs shared by all checks of a trainer, written once by the first audit callback (the
@@ -133,7 +134,8 @@ class AuditCallback(pl.Callback):
             warn_finding(finding)
 
     def _may_announce(self, finding: Finding) -> bool:
-        if self.on_finding == "log" or finding.key in self._announced:
+        # Info findings go to the report and TensorBoard only: a clean run raises no warning.
+        if self.on_finding == "log" or finding.severity == "info" or finding.key in self._announced:
             return False
         # Other ranks' findings are announced by rank 0 once gathered.
         return self._trainer is None or self._trainer.is_global_zero

@@ -34,8 +34,10 @@ class ZeroGradCheck(AuditCallback):
     Works every step (the bookkeeping is a few host operations per parameter, with no
     host-device synchronisation); ``every_n_steps`` only spaces the scalars it logs.
     Automatic and manual optimization (``manual_backward`` or a raw ``loss.backward()``), any
-    number of optimizers, gradient accumulation, clipping and mixed precision: a step skipped by
-    a GradScaler is not an optimizer step and is not audited.
+    number of optimizers, gradient accumulation, clipping and mixed precision. Steps are audited
+    as they are attempted (``on_before_optimizer_step``), so a step that a GradScaler skips on
+    overflow is still a step boundary: the gradients it did not apply are cleared by Lightning,
+    and not clearing them is still caught.
 
     Findings: ``missing-zero-grad``, ``gradient-leak``, ``stale-grad``,
     ``short-accumulation-window``.
@@ -77,6 +79,17 @@ class ZeroGradCheck(AuditCallback):
     ) -> None:
         if self._ledger is not None:
             self._ledger.refresh()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self._ledger is None:
+            return
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        for index, opt in enumerate(self._ledger.optimizers):
+            if opt is raw:
+                self._ledger.audit_step(index)
+                return
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()
@@ -188,8 +201,10 @@ class ZeroGradCheck(AuditCallback):
                         message=(
                             f"{opt} stepped after {k} of accumulate_grad_batches={n} "
                             f"micro-batches, so this update weighs {k}/{n} = {k / n:.2f} of a "
-                            f"full one (Lightning steps on the last batch of an epoch and keeps "
-                            f"the 1/{n} loss scale). Fix: {CODES['short-accumulation-window'].fix}."
+                            f"full one. Lightning steps on the last batch of an epoch whose "
+                            f"length is not a multiple of {n}, and on resuming mid-window, "
+                            f"keeping the 1/{n} loss scale. "
+                            f"Fix: {CODES['short-accumulation-window'].fix}."
                         ),
                         data={"microbatches": k, "accumulate_grad_batches": n, "weight": k / n},
                     )

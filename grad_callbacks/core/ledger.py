@@ -7,7 +7,8 @@ Pure torch (no Lightning). Three kinds of hooks feed it:
 * ``Tensor.register_post_accumulate_grad_hook``, which records that the running backward pass
   (identified by autograd's graph-task id) contributed to the parameter;
 * ``Optimizer.register_step_post_hook``, which fires on real optimizer steps only (a step skipped
-  by a GradScaler on overflow fires nothing) and audits the gradients that step consumed.
+  by a GradScaler on overflow fires nothing) and audits the gradients that step consumed, unless
+  :meth:`GradientLedger.audit_step` already audited that step as it was attempted.
 
 Cleared means ``.grad`` set to None, replaced by another tensor, or zeroed in place. The first two
 are seen on the host for free. An in-place change (``zero_grad(set_to_none=False)``, but also
@@ -149,6 +150,7 @@ class GradientLedger:
         self._opt_params: list[list[Tensor]] = []
         self._last_step_seq: list[int | None] = [None] * len(self.optimizers)
         self.steps_taken: list[int] = [0] * len(self.optimizers)
+        self._audited_ahead: list[bool] = [False] * len(self.optimizers)
         self._task_seq: OrderedDict[int, int] = OrderedDict()
         self._last_backward_seq = -1
         # backward seq -> [(optimizer index, step seq)] for the steps that consumed it
@@ -258,9 +260,23 @@ class GradientLedger:
     # ------------------------------------------------------------------ audit
     def _make_step_hook(self, index: int) -> Callable[..., None]:
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self._audit_step(index)
+            if self._audited_ahead[index]:
+                self._audited_ahead[index] = False
+            else:
+                self._audit_step(index)
 
         return hook
+
+    def audit_step(self, index: int) -> None:
+        """Audit the gradients optimizer ``index`` is about to step on.
+
+        Call it right before an attempted step (Lightning's ``on_before_optimizer_step``): a step
+        that a GradScaler then skips still counts as a step boundary, so a missing ``zero_grad``
+        is caught even when every step overflows. The step's own post-hook then does nothing;
+        steps taken without this call are audited by the post-hook.
+        """
+        self._audit_step(index)
+        self._audited_ahead[index] = True
 
     def _classify(self, index: int, states: Sequence[_ParamState], prev: int | None) -> _Verdict:
         verdict = _Verdict()
