@@ -15,7 +15,9 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LitLogger.*")
 
 
-def regression_data(n: int = 28, features: int = 8, batch_size: int = 4, seed: int = 0) -> DataLoader:
+def regression_data(
+    n: int = 28, features: int = 8, batch_size: int = 4, seed: int = 0
+) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g)
     y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)

@@ -254,7 +254,7 @@ class AuditCallback(pl.Callback):
             world_size=trainer.world_size,
             error=error,
         )
-        write_report(trainer.log_dir or trainer.default_root_dir, report)
+        write_report(run_log_dir(trainer), report)
 
     def report_entry(self) -> dict[str, Any]:
         """This check's section of the report."""
@@ -267,6 +267,21 @@ class AuditCallback(pl.Callback):
             "seconds": round(self.seconds_spent, 6),
             "findings": [f.to_dict() for f in findings],
         }
+
+
+def run_log_dir(trainer: pl.Trainer) -> str:
+    """The run's log directory, as ``trainer.log_dir`` gives it, without its collective.
+
+    ``Trainer.log_dir`` broadcasts from rank 0, so calling it on rank 0 alone would hang DDP.
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            return str(logger.log_dir)
+        return str(logger.save_dir or trainer.default_root_dir)
+    return str(trainer.default_root_dir)
 
 
 def audit_callbacks(trainer: pl.Trainer) -> list[AuditCallback]:

@@ -1,0 +1,57 @@
+"""A 2-process CPU DDP run (gloo) where rank 1 forgets zero_grad; run as a script.
+
+Usage: python tests/distributed/ddp_zero_grad_run.py OUT_DIR [broken|clean]
+Rank 0 writes the report to OUT_DIR (the run's default_root_dir).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+
+from grad_callbacks import GradientAudit
+from tests import zoo
+
+warnings.filterwarnings("ignore")
+
+
+class ForgetsZeroGradOnRank1(zoo.MLP):
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.broken = broken
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        if self.broken and self.global_rank == 1:
+            return
+        optimizer.zero_grad()
+
+
+def main() -> None:
+    out, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        accumulate_grad_batches=2,
+        callbacks=[GradientAudit(on_finding="log")],
+    )
+    trainer.fit(ForgetsZeroGradOnRank1(broken=mode == "broken"), zoo.regression_data(n=32))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
