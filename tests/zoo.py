@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(prefix="grad_audit_test_"),
     )
     kwargs.update(trainer_kwargs)
     trainer = L.Trainer(callbacks=list(callbacks), **kwargs)

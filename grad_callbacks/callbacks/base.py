@@ -64,7 +64,7 @@ class AuditCallback(pl.Callback):
         self._announced: set[tuple[str, tuple[str, ...]]] = set()
         self.seconds_spent = 0.0
         self.steps_checked = 0
-        self._pending_scalars: dict[str, float] = {}
+        self._pending_scalars: dict[int, dict[str, float]] = {}
         self._text_dirty = False
         self._report_written = False
         self._trainer: pl.Trainer | None = None
@@ -154,10 +154,25 @@ class AuditCallback(pl.Callback):
         finally:
             self.seconds_spent += time.perf_counter() - start
 
+    def wants_scalars(self) -> bool:
+        """Whether this step's scalars are logged: the Trainer's ``log_every_n_steps`` cadence."""
+        trainer = self._trainer
+        return trainer is not None and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+
     def queue_scalars(self, metrics: Mapping[str, float]) -> None:
-        """Queue scalars (tags relative to ``grad_audit/<metric_prefix>/``) for the next log."""
+        """Queue scalars (tags under ``grad_audit/<metric_prefix>/``) stamped with this step.
+
+        They are written at the end of the training batch, stamped with the ``global_step`` of
+        the moment they were queued (what ``self.log`` would have used).
+        """
         prefix = f"grad_audit/{self.metric_prefix}/"
-        self._pending_scalars.update({prefix + k: float(v) for k, v in metrics.items()})
+        pending = self._pending_scalars.setdefault(self.current_step, {})
+        pending.update({prefix + k: float(v) for k, v in metrics.items()})
+
+    def _flush_scalars(self, trainer: pl.Trainer) -> None:
+        for step, metrics in sorted(self._pending_scalars.items()):
+            tb.log_scalars(trainer, metrics, step=step)
+        self._pending_scalars = {}
 
     def scalar_charts(self) -> dict[str, list[str]]:
         """Custom-scalars charts of this check: chart title -> tag regexes."""
@@ -187,9 +202,8 @@ class AuditCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._pending_scalars and trainer.global_step % trainer.log_every_n_steps == 0:
-            tb.log_scalars(trainer, self._pending_scalars, step=trainer.global_step)
-            self._pending_scalars = {}
+        if self._pending_scalars:
+            self._flush_scalars(trainer)
         if self._is_leader and any(c._text_dirty for c in audit_callbacks(trainer)):
             self._write_findings_text(trainer)
 
@@ -198,9 +212,7 @@ class AuditCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._gather(trainer)
-        if self._pending_scalars:
-            tb.log_scalars(trainer, self._pending_scalars, step=trainer.global_step)
-            self._pending_scalars = {}
+        self._flush_scalars(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_leader:

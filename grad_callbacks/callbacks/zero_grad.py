@@ -32,7 +32,8 @@ class ZeroGradCheck(AuditCallback):
     """Checks that every optimizer step consumes fresh gradients, and only its own.
 
     Works every step (the bookkeeping is a few host operations per parameter, with no
-    host-device synchronisation); ``every_n_steps`` only spaces the scalars it logs.
+    host-device synchronisation), so it is not periodic: ``every_n_steps`` is accepted for a
+    uniform interface and has no effect. Its scalars follow the Trainer's ``log_every_n_steps``.
     Automatic and manual optimization (``manual_backward`` or a raw ``loss.backward()``), any
     number of optimizers, gradient accumulation, clipping and mixed precision. Steps are audited
     as they are attempted (``on_before_optimizer_step``), so a step that a GradScaler skips on
@@ -43,7 +44,7 @@ class ZeroGradCheck(AuditCallback):
     ``short-accumulation-window``.
 
     Args:
-        every_n_steps: log the check's scalars every this many steps.
+        every_n_steps: accepted for a uniform interface; the check runs every step.
         on_finding: ``"warn"``, ``"raise"`` or ``"log"``.
     """
 
@@ -125,7 +126,7 @@ class ZeroGradCheck(AuditCallback):
             step = self.current_step
             opt = self._optimizer_names[audit.optimizer_index]
             suffix = f"_opt{audit.optimizer_index}" if len(self._optimizer_names) > 1 else ""
-            if step % self.every_n_steps == 0:
+            if self.wants_scalars():
                 self.queue_scalars(
                     {
                         f"microbatches{suffix}": audit.microbatches,

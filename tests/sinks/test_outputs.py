@@ -1,0 +1,126 @@
+"""Outputs of a real run: TensorBoard scalars, findings text and layout; grad_audit.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import grad_callbacks
+from grad_callbacks import GradientAudit, GradientAuditError, ZeroGradCheck
+from grad_callbacks.sinks.report import load_report
+from tests import zoo
+
+
+def _events(log_dir: str) -> EventAccumulator:
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def broken_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TensorBoardLogger, GradientAudit]:
+    logger = TensorBoardLogger(tmp_path_factory.mktemp("tb"), name="broken")
+    audit = GradientAudit(on_finding="log")
+    zoo.fit(zoo.ManualMLP(zero_grad=False), [audit], logger=logger, log_every_n_steps=1)
+    return logger, audit
+
+
+def test_scalars_are_stamped_with_the_step_of_the_finding(broken_run: Any) -> None:
+    logger, audit = broken_run
+    acc = _events(logger.log_dir)
+    uncleared = {e.step: e.value for e in acc.Scalars("grad_audit/zero_grad/uncleared_params")}
+    (finding,) = audit.findings
+    assert uncleared[finding.step - 1] == 0.0  # step 0 was clean
+    assert uncleared[finding.step] == 4.0  # all 4 parameters at the first broken step
+    assert set(uncleared) == set(range(7))
+    assert "grad_audit/zero_grad/microbatches" in acc.Tags()["scalars"]
+
+
+def test_findings_text_table(broken_run: Any) -> None:
+    logger, _ = broken_run
+    texts = _events(logger.log_dir).Tensors("grad_audit/findings/text_summary")
+    table = texts[-1].tensor_proto.string_val[0].decode()
+    assert table.startswith("| severity | code |")
+    assert "`missing-zero-grad`" in table and "| 6 |" in table  # count at the end of fit
+
+
+def test_custom_scalars_layout(broken_run: Any) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    logger, _ = broken_run
+    raw = _events(logger.log_dir).Tensors("custom_scalars__config__")[0]
+    layout = layout_pb2.Layout.FromString(raw.tensor_proto.string_val[0])
+    (category,) = layout.category
+    assert category.title == "Gradient audit"
+    charts = {c.title: list(c.multiline.tag) for c in category.chart}
+    assert charts == {"ZeroGradCheck": ["grad_audit/zero_grad/.*"]}
+
+
+def test_report_written_at_fit_end(broken_run: Any) -> None:
+    logger, audit = broken_run
+    report = load_report(Path(logger.log_dir) / "grad_audit.json")
+    assert report["status"] == "finished"
+    assert report["versions"]["grad_callbacks"] == grad_callbacks.__version__
+    assert report["versions"]["torch"] == torch.__version__
+    (check,) = report["checks"]
+    assert check["name"] == "ZeroGradCheck"
+    assert check["steps_checked"] == 7
+    assert check["seconds"] > 0
+    assert check["settings"] == {"every_n_steps": 1, "on_finding": "log"}
+    assert [f["code"] for f in report["findings"]] == ["missing-zero-grad"]
+    assert report["findings"][0] == audit.findings[0].to_dict()
+
+
+def test_report_written_when_fit_raises(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, name="raise")
+    with pytest.raises(GradientAuditError):
+        zoo.fit(zoo.ManualMLP(zero_grad=False), [ZeroGradCheck(on_finding="raise")], logger=logger)
+    report = json.loads((Path(logger.log_dir) / "grad_audit.json").read_text())
+    assert report["status"] == "failed"
+    assert "missing-zero-grad" in report["error"]
+    assert report["findings"][0]["code"] == "missing-zero-grad"
+
+
+class _InterruptAtBatch3(zoo.MLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 3:
+            raise KeyboardInterrupt
+        return super().training_step(batch, batch_idx)
+
+
+def test_report_written_on_keyboard_interrupt(tmp_path: Path) -> None:
+    audit = GradientAudit()
+    with pytest.raises(SystemExit):  # Lightning exits after its graceful shutdown
+        zoo.fit(_InterruptAtBatch3(), [audit], default_root_dir=tmp_path)
+    report = load_report(tmp_path / "grad_audit.json")
+    assert report["status"] == "interrupted"
+    assert report["checks"][0]["steps_checked"] == 3
+
+
+def test_no_logger_writes_report_in_default_root_dir(tmp_path: Path) -> None:
+    zoo.fit(zoo.MLP(), [GradientAudit()], default_root_dir=tmp_path)
+    report = load_report(tmp_path / "grad_audit.json")
+    assert report["findings"] == [] and report["status"] == "finished"
+
+
+def test_csv_logger_gets_the_scalars_too(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, name="csv")
+    zoo.fit(zoo.ManualMLP(zero_grad=False), [GradientAudit()], logger=logger, log_every_n_steps=2)
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "grad_audit/zero_grad/uncleared_params" in header
+
+
+def test_two_standalone_checks_write_one_report(tmp_path: Path) -> None:
+    # Instances need distinct settings: Lightning requires unique state keys.
+    first = ZeroGradCheck(on_finding="log")
+    second = ZeroGradCheck(on_finding="log", every_n_steps=2)
+    zoo.fit(zoo.ManualMLP(zero_grad=False), [first, second], default_root_dir=tmp_path)
+    report = load_report(tmp_path / "grad_audit.json")
+    assert len(report["checks"]) == 2
+    assert len(report["findings"]) == 2
