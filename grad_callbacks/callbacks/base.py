@@ -30,6 +30,7 @@ from grad_callbacks.findings import (
     Finding,
     FindingLog,
     GradientAuditError,
+    make_finding,
 )
 from grad_callbacks.sinks import tensorboard as tb
 from grad_callbacks.sinks.report import build_report, write_report
@@ -139,6 +140,42 @@ class AuditCallback(pl.Callback):
             return False
         # Other ranks' findings are announced by rank 0 once gathered.
         return self._trainer is None or self._trainer.is_global_zero
+
+    def skip(self, reason: str, params: tuple[str, ...] = ()) -> None:
+        """Report that the check could not run (``check-skipped``); training goes on."""
+        self.report(
+            make_finding(
+                "check-skipped",
+                check=self.check_name,
+                step=self.current_step,
+                message=f"{self.check_name} skipped: {reason}. Training goes on.",
+                params=params,
+                data={"reason": reason},
+            )
+        )
+
+    @contextmanager
+    def guarded(self, what: str) -> Iterator[None]:
+        """Run a check's body so that an unexpected error never breaks training.
+
+        The error becomes a ``check-skipped`` finding, unless ``on_finding="raise"``, where it
+        propagates. A :class:`GradientAuditError` always propagates.
+
+        Example:
+            >>> check = AuditCallback(on_finding="log")
+            >>> with check.guarded("the comparison"):
+            ...     raise ValueError("odd batch")
+            >>> check.findings[0].message
+            'AuditCallback skipped: the comparison failed: ValueError: odd batch. Training goes on.'
+        """
+        try:
+            yield
+        except GradientAuditError:
+            raise
+        except Exception as exc:
+            if self.on_finding == "raise":
+                raise
+            self.skip(f"{what} failed: {type(exc).__name__}: {exc}")
 
     @property
     def current_step(self) -> int:
