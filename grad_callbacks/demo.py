@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,9 @@ def train_run(run: DemoRun, out_dir: Path, max_epochs: int = 2) -> list[Finding]
         log_every_n_steps=5,
     )
     with warnings.catch_warnings():
+        # Lightning's own advice on this toy setup is noise next to the audit.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
         trainer.fit(module, data)
     return audit.findings
 
@@ -167,6 +170,8 @@ def run_demo(out_dir: str = "grad_audit_demo") -> int:
     from grad_callbacks.cli import main as cli_main
 
     out = Path(out_dir).resolve()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"grad-audit demo: {len(RUNS)} small runs on {device}, logs under {out}\n")
     ok = True

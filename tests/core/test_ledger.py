@@ -245,3 +245,24 @@ def test_ledger_never_touches_gradients() -> None:
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(pa, pb)
         assert torch.equal(pa.grad, pb.grad)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_device_is_read_only_when_needed(set_to_none: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With set_to_none=True nothing is ever tested on the device; with False, tests are made."""
+    import grad_callbacks.core.ledger as ledger_module
+
+    calls: list[int] = []
+    real = ledger_module._all_zero
+    monkeypatch.setattr(ledger_module, "_all_zero", lambda g: calls.append(1) or real(g))
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ledger = _ledger(model, opt)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=set_to_none)
+        for _ in range(2):
+            _backward(model)
+        nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+    assert all(a.clean for a in ledger.step_audits)
+    assert (len(calls) == 0) is set_to_none
