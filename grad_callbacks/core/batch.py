@@ -1,0 +1,287 @@
+"""Batch structure utilities: the batch size of a nested batch, and slicing it sample by sample.
+
+Pure torch (no Lightning). A batch is any nesting of dicts (and other mappings), lists, tuples,
+namedtuples and dataclass instances whose leaves are tensors or plain Python values. Its batch
+size is the leading dimension shared by its tensor leaves (0-dim tensors and non-tensor leaves do
+not count). Slicing a batch indexes every tensor leaf that has that leading dimension and keeps
+everything else, except that a list of exactly ``size`` values holding no tensor (e.g. the list of
+``B`` strings that ``default_collate`` makes from string samples) is taken to be per-sample and is
+sliced too.
+
+Known ambiguities: a tensor whose leading dimension happens to equal the batch size is sliced even
+if it is not per-sample (e.g. a class-weight vector of length B); a list of B tensors of different
+lengths (variable-length samples) is not recognised as per-sample.
+
+Example:
+    >>> import torch
+    >>> batch = {"x": torch.zeros(4, 3), "ids": ["a", "b", "c", "d"], "tag": "train"}
+    >>> batch_size(batch)
+    4
+    >>> one = slice_batch(batch, 2)
+    >>> tuple(one["x"].shape), one["ids"], one["tag"]
+    ((1, 3), ['c'], 'train')
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: An index into the batch dimension: one sample (kept with a leading dim of 1), a slice, or a
+#: 1-D integer (or bool mask) tensor.
+Index = int | slice | Tensor
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
+
+
+def _is_dataclass_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _holds_tensor(obj: Any) -> bool:
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_holds_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensor(v) for v in obj)
+    if _is_dataclass_instance(obj):
+        return any(_holds_tensor(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return False
+
+
+def _is_sample_list(obj: Any, size: int | None) -> bool:
+    return (
+        size is not None
+        and isinstance(obj, list)
+        and len(obj) == size
+        and not any(_holds_tensor(v) for v in obj)
+    )
+
+
+def _rebuild_mapping(obj: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:
+    if type(obj) is dict:
+        return items
+    if isinstance(obj, defaultdict):
+        return defaultdict(obj.default_factory, items)
+    if isinstance(obj, MutableMapping):
+        try:
+            new = copy.copy(obj)
+            for k, v in items.items():
+                new[k] = v
+            return new
+        except Exception:
+            pass
+    return items
+
+
+def _map_batch(
+    obj: Any,
+    on_tensor: Callable[[Tensor], Any],
+    on_sample_list: Callable[[list[Any]], Any],
+    size: int | None,
+) -> Any:
+    """Rebuild ``obj`` with ``on_tensor`` applied to tensor leaves and ``on_sample_list`` to
+    per-sample lists; other leaves are kept as they are (the same objects)."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return on_tensor(x)
+        if _is_namedtuple(x):
+            return type(x)._make(walk(v) for v in x)
+        if _is_sample_list(x, size):
+            return on_sample_list(x)
+        if isinstance(x, (list, tuple)):
+            values = [walk(v) for v in x]
+            try:
+                return type(x)(values)
+            except Exception:
+                return values if isinstance(x, list) else tuple(values)
+        if isinstance(x, Mapping):
+            return _rebuild_mapping(x, {k: walk(v) for k, v in x.items()})
+        if _is_dataclass_instance(x):
+            changes = {f.name: walk(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
+            return dataclasses.replace(x, **changes)
+        return x
+
+    return walk(obj)
+
+
+def _tensor_leaves(batch: Any) -> list[Tensor]:
+    leaves: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        leaves.append(t)
+        return t
+
+    _map_batch(batch, keep, lambda lst: lst, None)
+    return leaves
+
+
+def batch_size(batch: Any) -> int | None:
+    """The leading dimension shared by the tensor leaves of ``batch``.
+
+    Args:
+        batch: a tensor or any nesting of mappings, lists, tuples, namedtuples and dataclasses.
+
+    Returns:
+        The common leading dimension of the tensor leaves with at least one dimension; None when
+        there is no such tensor or their leading dimensions disagree.
+
+    Example:
+        >>> import torch
+        >>> batch_size((torch.zeros(5, 2), torch.zeros(5), torch.tensor(1.0), "name"))
+        5
+        >>> batch_size({"x": torch.zeros(5, 2), "w": torch.zeros(3)}) is None
+        True
+    """
+    sizes = {t.shape[0] for t in _tensor_leaves(batch) if t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _resolve_size(batch: Any, size: int | None) -> int:
+    if size is None:
+        size = batch_size(batch)
+        if size is None:
+            raise ValueError(
+                "cannot tell the batch size: the batch has no tensor with a leading dimension, "
+                "or its tensors disagree about it; pass size= explicitly"
+            )
+    return size
+
+
+def _positions(index: Index, size: int) -> list[int]:
+    """The sample positions ``index`` selects, as Python ints."""
+    if isinstance(index, Tensor):
+        return torch.arange(size, device=index.device)[index].tolist()
+    return list(range(size)[index : index + 1] if isinstance(index, int) else range(size)[index])
+
+
+def slice_batch(batch: Any, index: Index, *, size: int | None = None) -> Any:
+    """Select samples of ``batch``, keeping its structure.
+
+    Every tensor leaf whose leading dimension is the batch size is indexed on that dimension, and
+    so is every list of ``size`` values that holds no tensor (e.g. a list of B strings). Other
+    leaves (strings, None, numbers, 0-dim tensors, tensors without the batch dimension) are kept
+    as they are. Namedtuples and dataclasses are rebuilt as their own type.
+
+    Args:
+        batch: a tensor or any nesting of mappings, lists, tuples, namedtuples and dataclasses.
+        index: an int (one sample, kept with a leading dimension of 1: ``t[i:i+1]``; negative
+            counts from the end), a slice, or a 1-D integer or bool tensor of positions.
+        size: the batch size; by default :func:`batch_size` of ``batch`` (pass it when the
+            batch's tensors disagree about their leading dimension).
+
+    Returns:
+        A batch of the same structure holding only the selected samples.
+
+    Raises:
+        ValueError: when the batch size cannot be told.
+        IndexError: when an int index is out of range.
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(6).reshape(3, 2)
+        >>> slice_batch((x, ["a", "b", "c"]), -1)
+        (tensor([[4, 5]]), ['c'])
+        >>> slice_batch({"x": x, "w": torch.ones(2)}, torch.tensor([0, 2]), size=3)["x"]
+        tensor([[0, 1],
+                [4, 5]])
+    """
+    n = _resolve_size(batch, size)
+    if isinstance(index, int):
+        if not -n <= index < n:
+            raise IndexError(f"sample index {index} is out of range for a batch of {n}")
+        index = index % n
+    elif isinstance(index, Tensor) and index.dim() != 1:
+        raise ValueError(f"a tensor index must be 1-D, got shape {tuple(index.shape)}")
+
+    def on_tensor(t: Tensor) -> Tensor:
+        if t.dim() == 0 or t.shape[0] != n:
+            return t
+        if isinstance(index, int):
+            return t.narrow(0, index, 1)
+        if isinstance(index, Tensor):
+            return t[index.to(t.device)]
+        return t[index]
+
+    def on_sample_list(lst: list[Any]) -> list[Any]:
+        return [lst[i] for i in _positions(index, n)]
+
+    return _map_batch(batch, on_tensor, on_sample_list, n)
+
+
+@dataclass
+class FlatBatch:
+    """A batch split into its per-sample tensors and the rest (see :func:`flatten_batch`).
+
+    Attributes:
+        size: the batch size.
+        tensors: the tensor leaves whose leading dimension is ``size``, in traversal order.
+        has_sample_lists: whether the batch holds per-sample Python lists (which only a
+            per-sample loop, not ``torch.func.vmap``, can split).
+    """
+
+    size: int
+    tensors: list[Tensor]
+    has_sample_lists: bool
+    _batch: Any
+
+    def rebuild(self, tensors: Sequence[Tensor]) -> Any:
+        """The original batch with its per-sample tensors replaced by ``tensors`` (same order)."""
+        if len(tensors) != len(self.tensors):
+            raise ValueError(f"expected {len(self.tensors)} tensors, got {len(tensors)}")
+        it = iter(tensors)
+        n = self.size
+
+        def on_tensor(t: Tensor) -> Tensor:
+            return next(it) if t.dim() > 0 and t.shape[0] == n else t
+
+        return _map_batch(self._batch, on_tensor, lambda lst: lst, n)
+
+
+def flatten_batch(batch: Any, *, size: int | None = None) -> FlatBatch:
+    """Split ``batch`` into the tensors that carry the batch dimension and a way to rebuild it.
+
+    Args:
+        batch: a tensor or any nesting of mappings, lists, tuples, namedtuples and dataclasses.
+        size: the batch size; by default :func:`batch_size` of ``batch``.
+
+    Returns:
+        A :class:`FlatBatch`.
+
+    Raises:
+        ValueError: when the batch size cannot be told.
+
+    Example:
+        >>> import torch
+        >>> flat = flatten_batch({"x": torch.zeros(4, 3), "n": 7})
+        >>> flat.size, len(flat.tensors)
+        (4, 1)
+        >>> flat.rebuild([torch.ones(1, 3)])["x"]
+        tensor([[1., 1., 1.]])
+    """
+    n = _resolve_size(batch, size)
+    tensors: list[Tensor] = []
+    lists: list[list[Any]] = []
+
+    def on_tensor(t: Tensor) -> Tensor:
+        if t.dim() > 0 and t.shape[0] == n:
+            tensors.append(t)
+        return t
+
+    def on_sample_list(lst: list[Any]) -> list[Any]:
+        lists.append(lst)
+        return lst
+
+    _map_batch(batch, on_tensor, on_sample_list, n)
+    return FlatBatch(n, tensors, bool(lists) and n != 1, batch)
