@@ -8,7 +8,12 @@ Example:
 
 __version__ = "0.1.0"
 
-from grad_callbacks.callbacks import AuditCallback, GradientAudit, ZeroGradCheck
+from grad_callbacks.callbacks import (
+    AuditCallback,
+    GradientAudit,
+    PerSampleGradientCheck,
+    ZeroGradCheck,
+)
 from grad_callbacks.findings import (
     CODES,
     CodeInfo,
@@ -26,6 +31,7 @@ __all__ = [
     "GradientAudit",
     "GradientAuditError",
     "GradientAuditWarning",
+    "PerSampleGradientCheck",
     "Severity",
     "ZeroGradCheck",
     "__version__",

@@ -270,3 +270,111 @@ def gan_data(n: int = 24, batch_size: int = 4) -> DataLoader:
 
 def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- per-sample zoo
+class SummedLoss(MLP):
+    """Broken: the loss is summed over the batch (``reduction-sum``)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y, reduction="sum")
+
+
+class SqrtNormalizedLoss(MLP):
+    """A summed loss divided by sqrt(batch size): c = sqrt(B) (``reduction-scale``, info).
+
+    A constant factor would not do: it scales the per-sample losses alike, so c stays 1.
+    """
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y, reduction="sum")
+        return loss / len(x) ** 0.5
+
+
+class PerSampleMean(MLP):
+    """Clean: ``reduction="none"`` then ``.mean()``; also returns a dict."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        per_sample = nn.functional.mse_loss(self.net(x), y, reduction="none").mean(dim=1)
+        return {"loss": per_sample.mean()}
+
+
+class BatchNormMLP(MLP):
+    """Train-mode BatchNorm1d couples samples (``batch-coupling``, info, explained)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+
+
+class BatchNormCNN(CNN):
+    """Train-mode BatchNorm2d couples samples (``batch-coupling``, info, explained)."""
+
+    def __init__(self) -> None:
+        super().__init__("sgd")
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 3),
+        )
+
+
+class ReshapeMixesSamples(MLP):
+    """Broken: a transpose + reshape folds samples into each other (``batch-coupling``)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = torch.tanh(self.net[0](x))
+        h = h.t().reshape(h.shape[0], -1)  # meant h.reshape(...): mixes the batch
+        return nn.functional.mse_loss(self.net[2](h), y)
+
+
+class LogOfInput(MLP):
+    """``log`` of the first feature: a sample with a negative feature gets NaN gradients."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        x = torch.cat([torch.log(x[:, :1]), x[:, 1:]], dim=1)
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+class DoublingHook(MLP):
+    """Broken: a gradient hook doubles every gradient (``grad-mismatch``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for p in self.parameters():
+            p.register_hook(lambda g: 2 * g)
+
+
+class TinyTransformer(L.LightningModule):
+    """Embeddings, LayerNorm, self-attention and dropout; clean."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.encoder = nn.TransformerEncoderLayer(
+            dim, nhead=2, dim_feedforward=32, dropout=0.2, batch_first=True
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, labels = batch
+        h = self.norm(self.encoder(self.embed(tokens)))
+        return nn.functional.cross_entropy(self.head(h.mean(dim=1)), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def token_data(n: int = 32, length: int = 6, batch_size: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 20, (n, length), generator=g)
+    return DataLoader(TensorDataset(tokens, (tokens[:, 0] % 2)), batch_size=batch_size)

@@ -2,6 +2,7 @@
 
 from grad_callbacks.callbacks.audit import GradientAudit
 from grad_callbacks.callbacks.base import AuditCallback
+from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 
-__all__ = ["AuditCallback", "GradientAudit", "ZeroGradCheck"]
+__all__ = ["AuditCallback", "GradientAudit", "PerSampleGradientCheck", "ZeroGradCheck"]

@@ -3,7 +3,7 @@
 Example:
     >>> audit = GradientAudit(on_finding="log")
     >>> [c.check_name for c in audit.checks]
-    ['ZeroGradCheck']
+    ['ZeroGradCheck', 'PerSampleGradientCheck']
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 from grad_callbacks.findings import Finding
 
 #: The checks ``GradientAudit()`` runs by default, in order.
-DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (ZeroGradCheck,)
+DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (ZeroGradCheck, PerSampleGradientCheck)
 
 # Hooks the base class implements itself: it runs them after the checks have run theirs.
 _BASE_HOOKS = {
@@ -45,7 +46,7 @@ class GradientAudit(AuditCallback):
     Args:
         checks: check instances, or check classes to build with the common settings;
             default: every check of :data:`DEFAULT_CHECKS`.
-        every_n_steps: passed to the checks built here.
+        every_n_steps: passed to the checks built here; None keeps each check's own schedule.
         on_finding: passed to the checks built here.
     """
 
@@ -56,14 +57,18 @@ class GradientAudit(AuditCallback):
         self,
         checks: Sequence[AuditCallback | type[AuditCallback]] | None = None,
         *,
-        every_n_steps: int = 1,
+        every_n_steps: int | None = None,
         on_finding: OnFinding = "warn",
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
+        super().__init__(every_n_steps=every_n_steps or 1, on_finding=on_finding)
+        self._every_n_steps_given = every_n_steps
+        common: dict[str, Any] = {"on_finding": on_finding}
+        if every_n_steps is not None:
+            common["every_n_steps"] = every_n_steps
         built: list[AuditCallback] = []
         for check in checks if checks is not None else DEFAULT_CHECKS:
             if isinstance(check, type) and issubclass(check, AuditCallback):
-                check = check(every_n_steps=every_n_steps, on_finding=on_finding)
+                check = check(**common)
             if not isinstance(check, AuditCallback):
                 raise TypeError(f"GradientAudit takes audit checks, got {check!r}")
             check._owner = self
@@ -87,7 +92,11 @@ class GradientAudit(AuditCallback):
                 check.load_state_dict(state_dict[check.state_key])
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "checks": [c.check_name for c in self.checks]}
+        return {
+            "every_n_steps": self._every_n_steps_given,
+            "on_finding": self.on_finding,
+            "checks": [c.check_name for c in self.checks],
+        }
 
     def _gather(self, trainer: pl.Trainer) -> None:
         """The checks gather their own findings; the bundle has none of its own."""

@@ -79,6 +79,7 @@ __all__ = [
     "batchnorm_eval",
     "fit_scale",
     "gradient_noise_scale",
+    "loss_grad",
     "per_sample_grad_stats",
     "per_sample_grads",
 ]
@@ -651,3 +652,40 @@ def gradient_noise_scale(stats: PerSampleStats) -> Tensor:
     n_f = n.to(sum_sq.dtype)
     trace = ((sum_sq - n_f * mean_sq) / (n_f - 1).clamp_min(1)).clamp_min(0)
     return torch.where(n >= 2, trace / mean_sq, torch.full_like(trace, math.nan))
+
+
+def loss_grad(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    params: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """The gradient of ``loss_fn(module, batch)`` with respect to ``params``, computed aside.
+
+    The parameters are swapped for detached copies through ``functional_call``, so hooks
+    registered on the live parameters (``Tensor.register_hook``) do not apply: this is the
+    gradient of the loss itself, not of whatever the hooks make of it. No ``.grad`` is written
+    and every buffer is restored.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> _ = model.weight.register_hook(lambda g: 2 * g)  # a hook that rescales
+        >>> g = loss_grad(model, lambda m, x: m(x).sum(), torch.ones(3, 2))
+        >>> g["weight"]
+        tensor([[3., 3.]])
+    """
+    from torch.func import functional_call
+
+    chosen, module_names = _resolve_params(module, params)
+    wrapper = _LossModule(module, loss_fn)
+    detached = {k: p.detach().requires_grad_(True) for k, p in chosen.items()}
+    tensors = {f"inner.{module_names[k]}": v for k, v in detached.items()}
+    with _restored_buffers(module), torch.enable_grad():
+        loss = functional_call(wrapper, tensors, (batch,))
+        grads = torch.autograd.grad(loss, list(detached.values()), allow_unused=True)
+    return {
+        k: torch.zeros_like(p) if g is None else g
+        for (k, p), g in zip(detached.items(), grads, strict=True)
+    }

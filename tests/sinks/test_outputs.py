@@ -35,7 +35,7 @@ def test_scalars_are_stamped_with_the_step_of_the_finding(broken_run: Any) -> No
     logger, audit = broken_run
     acc = _events(logger.log_dir)
     uncleared = {e.step: e.value for e in acc.Scalars("grad_audit/zero_grad/uncleared_params")}
-    (finding,) = audit.findings
+    (finding,) = audit.checks[0].findings
     assert uncleared[finding.step - 1] == 0.0  # step 0 was clean
     assert uncleared[finding.step] == 4.0  # all 4 parameters at the first broken step
     assert set(uncleared) == set(range(7))
@@ -59,7 +59,10 @@ def test_custom_scalars_layout(broken_run: Any) -> None:
     (category,) = layout.category
     assert category.title == "Gradient audit"
     charts = {c.title: list(c.multiline.tag) for c in category.chart}
-    assert charts == {"ZeroGradCheck": ["grad_audit/zero_grad/.*"]}
+    assert charts == {
+        "ZeroGradCheck": ["grad_audit/zero_grad/.*"],
+        "PerSampleGradientCheck": ["grad_audit/per_sample/.*"],
+    }
 
 
 def test_report_written_at_fit_end(broken_run: Any) -> None:
@@ -68,12 +71,14 @@ def test_report_written_at_fit_end(broken_run: Any) -> None:
     assert report["status"] == "finished"
     assert report["versions"]["grad_callbacks"] == grad_callbacks.__version__
     assert report["versions"]["torch"] == torch.__version__
-    (check,) = report["checks"]
+    check, per_sample = report["checks"]
     assert check["name"] == "ZeroGradCheck"
     assert check["steps_checked"] == 7
     assert check["seconds"] > 0
     assert check["settings"] == {"every_n_steps": 1, "on_finding": "log"}
-    assert [f["code"] for f in report["findings"]] == ["missing-zero-grad"]
+    assert per_sample["name"] == "PerSampleGradientCheck"
+    assert per_sample["settings"]["every_n_steps"] == 100
+    assert [f["code"] for f in report["findings"]] == ["missing-zero-grad", "check-skipped"]
     assert report["findings"][0] == audit.findings[0].to_dict()
 
 

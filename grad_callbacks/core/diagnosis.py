@@ -1,0 +1,108 @@
+"""Verdicts on per-sample statistics: reduction, coupling, outliers, gradient mismatch.
+
+Pure torch. Each function takes tensors from :mod:`grad_callbacks.core.per_sample` and returns
+plain Python values: they are called on the steps a check is scheduled for, where reading from
+the device once is expected.
+
+Thresholds (documented in the checks' docs):
+
+* the batch gradient ``g`` is fitted as ``c * m`` (``m`` the mean per-sample gradient); with a
+  relative residual ``||g - c m|| / ||g||`` above ``coupling_tol`` the samples are coupled;
+  otherwise ``c`` within ``scale_tol`` (relative) of 1 is a mean, of ``n`` a sum, and anything else
+  a scale;
+* a sample is an outlier when its gradient norm is at least ``factor`` times the median norm of
+  the batch *and* it carries at least ``share`` of the batch's summed squared norms (it dominates
+  the batch); natural spread in a well-trained model does not meet both.
+
+Example:
+    >>> classify_scale(scale=16.02, residual=1e-7, n=16)
+    'sum'
+    >>> classify_scale(scale=1.0, residual=0.3, n=16)
+    'coupled'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+COUPLING_TOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+MISMATCH_TOL = {"32": 1e-4, "64": 1e-8, "mixed": 2e-2}
+#: Below this many finite samples a median says too little to call any sample an outlier.
+MIN_OUTLIER_SAMPLES = 8
+
+
+def coupling_tolerance(dtype: torch.dtype) -> float:
+    """The relative residual above which a batch gradient counts as coupled, per dtype."""
+    return COUPLING_TOL.get(dtype, 1e-3)
+
+
+def classify_scale(
+    scale: float, residual: float, n: int, *, coupling_tol: float = 1e-3, scale_tol: float = 1e-2
+) -> str:
+    """``"mean"``, ``"sum"``, ``"scale"`` or ``"coupled"`` for a fit ``g ~ scale * m``.
+
+    Args:
+        scale: the fitted ``c``.
+        residual: the relative residual of the fit.
+        n: the number of samples in the comparison.
+        coupling_tol: residual above which the samples are coupled.
+        scale_tol: relative distance to 1 or ``n`` still counted as that value.
+    """
+    if not (residual <= coupling_tol):  # NaN counts as coupled
+        return "coupled"
+    if abs(scale - 1.0) <= scale_tol:
+        return "mean"
+    if n > 1 and abs(scale - n) <= scale_tol * n:
+        return "sum"
+    return "scale"
+
+
+@dataclass(frozen=True)
+class SampleVerdict:
+    """Which samples of a batch are non-finite, and which dominate it."""
+
+    nonfinite: tuple[int, ...]
+    outliers: tuple[int, ...]
+    norm_quantiles: tuple[float, float, float]  # median, 90th percentile, max (finite samples)
+    outlier_ratio: float  # largest norm / median norm
+
+
+def judge_samples(
+    sq_norms: Tensor, nonfinite: Tensor, *, factor: float = 10.0, share: float = 0.5
+) -> SampleVerdict:
+    """Non-finite samples and dominating outliers from per-sample squared gradient norms."""
+    bad = torch.nonzero(nonfinite).flatten().tolist()
+    finite_sq = sq_norms[~nonfinite].double()
+    if finite_sq.numel() == 0:
+        return SampleVerdict(tuple(bad), (), (float("nan"),) * 3, float("nan"))
+    norms = finite_sq.sqrt()
+    median = norms.median()
+    q = torch.quantile(norms, torch.tensor([0.5, 0.9, 1.0], dtype=norms.dtype)).tolist()
+    ratio = float(norms.max() / median) if median > 0 else float("inf")
+    outliers: list[int] = []
+    if finite_sq.numel() >= MIN_OUTLIER_SAMPLES:
+        total = finite_sq.sum()
+        dominating = (norms >= factor * median) & (finite_sq >= share * total) & (total > 0)
+        finite_index = torch.nonzero(~nonfinite).flatten()
+        outliers = finite_index[dominating].tolist()
+    return SampleVerdict(tuple(bad), tuple(outliers), (q[0], q[1], q[2]), ratio)
+
+
+def relative_error(seen: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> Tensor:
+    """``||seen - expected|| / ||expected||`` over every parameter of ``expected`` (a tensor)."""
+    diff = torch.stack(
+        [(seen[k].double() - v.double()).square().sum() for k, v in expected.items()]
+    ).sum()
+    ref = torch.stack([v.double().square().sum() for v in expected.values()]).sum()
+    return (diff / ref.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+
+
+def worst_params(per_param: Mapping[str, Tensor], k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` entries with the largest values, as ``(name, value)``."""
+    values = torch.stack([v.double() for v in per_param.values()]).tolist()
+    ranked = sorted(zip(per_param, values, strict=True), key=lambda kv: -kv[1])
+    return [(name, value) for name, value in ranked[:k]]
