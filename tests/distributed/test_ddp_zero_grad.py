@@ -13,9 +13,10 @@ SCRIPT = Path(__file__).with_name("ddp_zero_grad_run.py")
 ROOT = SCRIPT.parents[2]
 
 
-def _run(out: Path, mode: str) -> dict:
+def run_ddp_script(script: Path, out: Path, mode: str) -> dict:
+    """Run a 2-process DDP script; return the one report rank 0 wrote under ``out``."""
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), mode],
+        [sys.executable, str(script), str(out), mode],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -29,7 +30,7 @@ def _run(out: Path, mode: str) -> dict:
 
 @pytest.mark.slow
 def test_ddp_rank_that_forgets_zero_grad_is_reported_on_rank_0(tmp_path: Path) -> None:
-    report = _run(tmp_path, "broken")
+    report = run_ddp_script(SCRIPT, tmp_path, "broken")
     assert report["world_size"] == 2 and report["status"] == "finished"
     (finding,) = [f for f in report["findings"] if f["severity"] != "info"]
     assert finding["code"] == "missing-zero-grad"
@@ -39,7 +40,7 @@ def test_ddp_rank_that_forgets_zero_grad_is_reported_on_rank_0(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_ddp_clean_run_is_silent(tmp_path: Path) -> None:
-    report = _run(tmp_path, "clean")
+    report = run_ddp_script(SCRIPT, tmp_path, "clean")
     assert report["world_size"] == 2
     assert [f for f in report["findings"] if f["severity"] != "info"] == []
     assert report["checks"][0]["steps_checked"] == 4
