@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from grad_callbacks.callbacks import (
     AuditCallback,
+    BatchMixingCheck,
     GradientAudit,
     PerSampleGradientCheck,
     ZeroGradCheck,
@@ -26,6 +27,7 @@ from grad_callbacks.sinks.warnings import GradientAuditWarning
 __all__ = [
     "CODES",
     "AuditCallback",
+    "BatchMixingCheck",
     "CodeInfo",
     "Finding",
     "GradientAudit",

@@ -2,7 +2,14 @@
 
 from grad_callbacks.callbacks.audit import GradientAudit
 from grad_callbacks.callbacks.base import AuditCallback
+from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 
-__all__ = ["AuditCallback", "GradientAudit", "PerSampleGradientCheck", "ZeroGradCheck"]
+__all__ = [
+    "AuditCallback",
+    "BatchMixingCheck",
+    "GradientAudit",
+    "PerSampleGradientCheck",
+    "ZeroGradCheck",
+]

@@ -3,7 +3,7 @@
 Example:
     >>> audit = GradientAudit(on_finding="log")
     >>> [c.check_name for c in audit.checks]
-    ['ZeroGradCheck', 'PerSampleGradientCheck']
+    ['ZeroGradCheck', 'PerSampleGradientCheck', 'BatchMixingCheck']
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ from typing import Any
 import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 from grad_callbacks.findings import Finding
 
 #: The checks ``GradientAudit()`` runs by default, in order.
-DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (ZeroGradCheck, PerSampleGradientCheck)
+DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (
+    ZeroGradCheck,
+    PerSampleGradientCheck,
+    BatchMixingCheck,
+)
 
 # Hooks the base class implements itself: it runs them after the checks have run theirs.
 _BASE_HOOKS = {

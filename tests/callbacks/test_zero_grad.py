@@ -181,7 +181,7 @@ def test_gradient_audit_bundles_zero_grad_check() -> None:
     audit = GradientAudit(on_finding="log")
     zoo.fit(zoo.ManualMLP(zero_grad=False), [audit])
     assert _codes(_alarms(audit.findings)) == {"missing-zero-grad"}
-    zero_grad, per_sample = audit.checks
+    zero_grad, per_sample = audit.checks[:2]
     assert _alarms(audit.findings) == zero_grad.findings
     # manual optimization without per_sample_loss: the per-sample check says why it skips
     assert _codes(per_sample.findings) == {"check-skipped"}

@@ -1,0 +1,384 @@
+"""BatchMixingCheck: does a sample's output depend on another sample's input?
+
+A thin adapter over :func:`~grad_callbacks.core.batch_mixing.find_batch_mixing`. Before the
+training step of the first training batch (``on_train_batch_start``, so on the real batch, on
+its device), it runs ``pl_module`` forward on the batch's input, differentiates the output of a
+few samples with respect to the input and reports ``batch-mixing`` when another sample's input
+gets a non-zero gradient, naming the first module whose output mixes samples. It is the test of
+Lightning Bolts' ``BatchGradientVerificationCallback``, for Lightning 2.
+
+Example:
+    >>> import lightning as L
+    >>> check = BatchMixingCheck(input_mapping=lambda batch: batch["image"])
+    >>> trainer = L.Trainer(callbacks=[check], logger=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+
+from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.core.batch_mixing import (
+    CannotCheckMixing,
+    Mixing,
+    batch_size_of,
+    default_sample_indices,
+    find_batch_mixing,
+)
+from grad_callbacks.findings import CODES, Finding, make_finding
+
+InputMapping = Callable[[Any], Any]
+OutputMapping = Callable[[Any], Any]
+ForwardFn = Callable[[pl.LightningModule, Any], Any]
+
+_CONFIGURE = (
+    "pass BatchMixingCheck(input_mapping=lambda batch: ...) returning what pl_module.forward "
+    "takes (a tensor, a tuple of positional arguments or a dict of keyword arguments), and if "
+    "needed output_mapping=lambda output: ... returning the per-sample output tensor(s) with the "
+    "batch on dim 0, or forward_fn=lambda pl_module, inputs: ... to run the model another way"
+)
+_MAX_SAMPLES_LISTED = 8
+
+
+class _ForwardFailed(RuntimeError):
+    pass
+
+
+def _callable_name(fn: Callable[..., Any] | None) -> str | None:
+    if fn is None:
+        return None
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
+
+
+def _call(module: nn.Module, inputs: Any) -> Any:
+    """``module(*inputs)`` for a tuple, ``module(**inputs)`` for a dict, else ``module(inputs)``
+    (the convention of ``example_input_array``)."""
+    if isinstance(inputs, tuple) and not _is_namedtuple(inputs):
+        return module(*inputs)
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    return module(inputs)
+
+
+def _forward_target(module: pl.LightningModule) -> tuple[nn.Module, str] | None:
+    """What runs the inputs: the module itself, or, when it does not implement ``forward``
+    (a LightningModule that calls ``self.net`` in ``training_step``), its only child module."""
+    if type(module).forward is not pl.LightningModule.forward:
+        return module, "pl_module"
+    children = list(module.named_children())
+    if len(children) == 1:
+        return children[0][1], f"pl_module.{children[0][0]}"
+    return None
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def _muted_logging(module: pl.LightningModule) -> Iterator[None]:
+    """``self.log`` / ``self.log_dict`` do nothing inside the block (a forward that logs would
+    otherwise overwrite the user's values under this hook's name)."""
+    saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    module.__dict__["log"] = _noop
+    module.__dict__["log_dict"] = _noop
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in saved:
+                module.__dict__[name] = saved[name]
+            else:
+                module.__dict__.pop(name, None)
+
+
+def _samples(indices: Sequence[int]) -> str:
+    shown = ", ".join(str(j) for j in indices[:_MAX_SAMPLES_LISTED])
+    more = len(indices) - _MAX_SAMPLES_LISTED
+    word = "sample" if len(indices) == 1 else "samples"
+    return f"{word} {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+class BatchMixingCheck(AuditCallback):
+    """Checks that no sample's output depends on another sample's input.
+
+    For ``sample_count`` samples ``i`` of the batch (first, last and between), it takes the
+    gradient of ``output[i].sum()`` with respect to the input (``torch.autograd.grad``; no
+    ``.grad`` is written) and reports ``batch-mixing`` (error) when the gradient is non-zero on
+    some other sample ``j``: the model mixes samples, e.g. a ``view``/``reshape``/``transpose``
+    across the batch axis, a mean over dim 0, or ``nn.MultiheadAttention(batch_first=False)`` fed
+    batch-first data. The finding names the pairs ``(i, j)``, the output, and the first module
+    whose output mixes samples (its ``params``).
+
+    When it runs: on the first training batch of every ``fit`` (before its training step), and,
+    when ``every_n_steps`` is N >= 1, again on the first batch of every optimizer step that is a
+    multiple of N (N=1: every step; each run costs a forward and ``sample_count`` backward passes).
+    ``every_n_steps=None`` or ``0`` (default): only the first batch.
+
+    Inputs: ``input_mapping(batch)`` if given; otherwise the batch itself if it is a tensor, the
+    first tensor of a tuple/list batch, the first floating tensor (else the first tensor) of a
+    dict batch, or ``pl_module.example_input_array`` when the batch holds no tensor. The model is
+    called as ``pl_module(*inputs)`` for a tuple, ``pl_module(**inputs)`` for a dict and
+    ``pl_module(inputs)`` otherwise, or as ``forward_fn(pl_module, inputs)`` when given; a
+    LightningModule that does not implement ``forward`` but has a single child module (``self.net``
+    used in ``training_step``) runs that child. ``output_mapping`` is applied to what it returns.
+    Dim 0 of
+    every input and output tensor is taken to be the batch axis; tensors of another leading size
+    are passed through and not tested. Integer inputs (token ids) are followed through the
+    ``nn.Embedding`` layers that look them up.
+
+    It reports ``check-skipped`` (info) and training goes on when it cannot run: no input found,
+    a batch of one sample, forward failing on the guessed input, no output with the batch axis.
+
+    Non-invasive: BatchNorm layers run in eval mode during the check (their batch statistics
+    mix samples by design and are not reported), every buffer is restored, the RNG is forked,
+    ``self.log`` is muted, parameters' ``.grad`` and ``requires_grad`` are never touched and the
+    batch's tensors are never modified. Under DDP each rank checks its own batch on the
+    unwrapped module (no collective); findings are gathered on rank 0.
+
+    Args:
+        every_n_steps: ``None``/``0``: first batch only; N: also every N optimizer steps.
+        on_finding: ``"warn"``, ``"raise"`` or ``"log"``.
+        sample_count: how many samples ``i`` to differentiate (at most the batch size).
+        input_mapping: ``batch -> inputs`` of ``pl_module``'s forward.
+        output_mapping: ``forward output -> tensor(s)`` to test (a tensor, tuple, list or dict).
+        forward_fn: ``(pl_module, inputs) -> output``, to run something else than
+            ``pl_module(inputs)`` (e.g. ``lambda m, x: m.encoder(x)``).
+        atol: a cross-sample input gradient must exceed this in absolute value to count.
+
+    Example:
+        >>> check = BatchMixingCheck(sample_count=2, input_mapping=lambda b: (b["x"], b["mask"]))
+        >>> check.settings()["sample_count"]
+        2
+    """
+
+    check_name = "BatchMixingCheck"
+    metric_prefix = "batch_mixing"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        on_finding: OnFinding = "warn",
+        sample_count: int = 3,
+        input_mapping: InputMapping | None = None,
+        output_mapping: OutputMapping | None = None,
+        forward_fn: ForwardFn | None = None,
+        atol: float = 0.0,
+    ) -> None:
+        if every_n_steps is not None and (
+            not isinstance(every_n_steps, int)
+            or isinstance(every_n_steps, bool)
+            or every_n_steps < 0
+        ):
+            raise ValueError(f"every_n_steps must be None or an int >= 0, got {every_n_steps!r}")
+        if not isinstance(sample_count, int) or sample_count < 1:
+            raise ValueError(f"sample_count must be a positive int, got {sample_count!r}")
+        if atol < 0:
+            raise ValueError(f"atol must be >= 0, got {atol!r}")
+        super().__init__(every_n_steps=every_n_steps or 1, on_finding=on_finding)
+        #: 0: only the first training batch of each fit.
+        self.every_n_steps = every_n_steps or 0
+        self.sample_count = sample_count
+        self.input_mapping = input_mapping
+        self.output_mapping = output_mapping
+        self.forward_fn = forward_fn
+        self.atol = float(atol)
+        self._ran_this_fit = False
+        self._last_step: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "every_n_steps": self.every_n_steps,
+            "on_finding": self.on_finding,
+            "sample_count": self.sample_count,
+            "input_mapping": _callable_name(self.input_mapping),
+            "output_mapping": _callable_name(self.output_mapping),
+            "forward_fn": _callable_name(self.forward_fn),
+            "atol": self.atol,
+        }
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._ran_this_fit = False
+        self._last_step = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._due(trainer.global_step):
+            return
+        self._ran_this_fit = True
+        self._last_step = trainer.global_step
+        with self.timed(), self.guarded("the batch-mixing test"):
+            self.steps_checked += 1
+            self._check(trainer, pl_module, batch)
+
+    def _due(self, step: int) -> bool:
+        if not self._ran_this_fit:
+            return True
+        n = self.every_n_steps
+        return n > 0 and step % n == 0 and step != self._last_step
+
+    # ------------------------------------------------------------------ the check
+    def _inputs(self, batch: Any, pl_module: pl.LightningModule) -> tuple[Any, str] | None:
+        """The forward inputs and how they were found; None (after a skip) when there are none."""
+        if self.input_mapping is not None:
+            return self.input_mapping(batch), "input_mapping(batch)"
+        if isinstance(batch, Tensor):
+            return batch, "the batch"
+        if isinstance(batch, (list, tuple)):
+            for k, value in enumerate(batch):
+                if isinstance(value, Tensor):
+                    return value, f"batch[{k}]"
+        if isinstance(batch, Mapping):
+            tensors = [(k, v) for k, v in batch.items() if isinstance(v, Tensor)]
+            for k, v in sorted(tensors, key=lambda kv: not kv[1].is_floating_point()):
+                return v, f"batch[{k!r}]"
+        example = getattr(pl_module, "example_input_array", None)
+        if example is not None:
+            return move_data_to_device(example, pl_module.device), "example_input_array"
+        self.skip(
+            f"cannot find the model's input in a batch of type {type(batch).__name__} (no tensor, "
+            f"and pl_module.example_input_array is not set); {_CONFIGURE}"
+        )
+        return None
+
+    def _runner(self, pl_module: pl.LightningModule) -> tuple[Callable[[Any], Any], str] | None:
+        """``inputs -> output`` and how it is described; None (after a skip) when there is none."""
+        if self.forward_fn is not None:
+            fn = self.forward_fn
+            return (lambda inputs: fn(pl_module, inputs)), "forward_fn(pl_module, inputs)"
+        target = _forward_target(pl_module)
+        if target is None:
+            self.skip(
+                f"{type(pl_module).__name__} does not implement forward and has several "
+                f"submodules; pass BatchMixingCheck(forward_fn=lambda pl_module, inputs: ...) "
+                f"that runs the model on the inputs"
+            )
+            return None
+        module, name = target
+        return (lambda inputs: _call(module, inputs)), f"{name}(inputs)"
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        runner = self._runner(pl_module)
+        if runner is None:
+            return
+        run_model, how = runner
+        found = self._inputs(batch, pl_module)
+        if found is None:
+            return
+        inputs, source = found
+        precision = trainer.precision_plugin
+        inputs = precision.convert_input(inputs)
+        size = batch_size_of(inputs)
+        if size is None:
+            self.skip(f"{source} holds no tensor with a batch dimension; {_CONFIGURE}")
+            return
+        if size < 2:
+            self.skip(
+                f"{source} has batch size {size}: mixing needs at least two samples; train with "
+                f"a batch size of 2 or more, or set every_n_steps so that a later batch is checked"
+            )
+            return
+
+        def forward(prepared: Any) -> Any:
+            try:
+                with precision.forward_context(), _muted_logging(pl_module):
+                    out = run_model(prepared)
+            except Exception as exc:
+                raise _ForwardFailed(f"{type(exc).__name__}: {exc}") from exc
+            return self.output_mapping(out) if self.output_mapping is not None else out
+
+        try:
+            mixings = find_batch_mixing(
+                forward,
+                inputs,
+                sample_indices=default_sample_indices(size, self.sample_count),
+                module=pl_module,
+                atol=self.atol,
+            )
+        except CannotCheckMixing as exc:
+            self.skip(f"{exc} (inputs from {source}); {_CONFIGURE}")
+            return
+        except _ForwardFailed as exc:
+            self.skip(f"{how} with inputs from {source} failed: {exc}; {_CONFIGURE}")
+            return
+        self.queue_scalars({"mixing_pairs": sum(len(m.sources) for m in mixings)})
+        by_module: dict[str | None, list[Mixing]] = {}
+        for m in mixings:
+            by_module.setdefault(m.module, []).append(m)
+        for module_name, group in by_module.items():
+            self.report(self._finding(group, module_name, size, type(pl_module).__name__))
+
+    def _finding(
+        self, group: list[Mixing], module_name: str | None, size: int, root: str
+    ) -> Finding:
+        outputs = list(dict.fromkeys(m.output for m in group))
+        inputs = list(dict.fromkeys(name for m in group for name in m.inputs))
+        parts = []
+        for output in outputs:
+            mine = [m for m in group if m.output == output]
+            said = "; ".join(
+                f"the output of sample {m.sample} depends on the inputs of {_samples(m.sources)}"
+                for m in mine
+            )
+            parts.append(f"{output}: {said}" if len(outputs) > 1 or output != "output" else said)
+        biggest = max(group, key=lambda m: m.magnitude)
+        first = group[0]
+        if module_name is None:
+            where = "The module where samples first mix could not be determined."
+        elif module_name == root and first.module_type == root:
+            where = (
+                f"No submodule's output mixes samples before the output of {root} itself: the "
+                f"mixing is in the code of {root}.forward"
+                + (f", after `{first.previous_module}`" if first.previous_module else "")
+                + "."
+            )
+        else:
+            where = f"The first module whose output mixes samples is `{module_name}` "
+            where += f"({first.module_type})"
+            if first.previous_module:
+                where += (
+                    f", after `{first.previous_module}` whose output does not: the mixing is "
+                    f"inside `{module_name}` or in the code between the two."
+                )
+            else:
+                where += ": the mixing is inside it or in the code that feeds it."
+        message = (
+            f"Samples of a batch of {size} mix: {' | '.join(parts)} (largest input gradient on "
+            f"another sample {biggest.magnitude:.3g}, against {biggest.own_magnitude:.3g} on the "
+            f"sample's own input; through {', '.join(inputs)}). {where} BatchNorm layers were run "
+            f"in eval mode, so batch statistics are not the cause. "
+            f"Fix: {CODES['batch-mixing'].fix}. If the model compares samples by design "
+            f"(contrastive logits, in-batch negatives), point output_mapping at its per-sample "
+            f"outputs."
+        )
+        return make_finding(
+            "batch-mixing",
+            check=self.check_name,
+            step=self.current_step,
+            message=message,
+            params=(module_name,) if module_name is not None else (),
+            data={
+                "outputs": outputs,
+                "pairs": sorted([i, j] for m in group for i, j in m.pairs),
+                "max_grad": biggest.magnitude,
+                "own_grad": biggest.own_magnitude,
+                "inputs": inputs,
+                "module_type": first.module_type,
+                "previous_module": first.previous_module,
+                "batch_size": size,
+            },
+        )

@@ -1,0 +1,330 @@
+"""BatchMixingCheck in real Lightning runs: the exact pairs and module on models that mix
+samples, silence on clean ones, check-skipped where it cannot run, and no trace on training."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
+from grad_callbacks.findings import Finding, GradientAuditError
+from grad_callbacks.sinks.warnings import GradientAuditWarning
+from tests import zoo, zoo_mixing
+
+ALL_BUT_0 = [[i, j] for i in (0, 2, 3) for j in range(4) if j != i]
+
+
+def _fit(
+    module: Any, check: BatchMixingCheck, data: DataLoader | None = None, **kwargs: Any
+) -> Any:
+    kwargs.setdefault("limit_train_batches", 2)
+    return zoo.fit(module, [check], data=data, **kwargs)
+
+
+def _only(findings: list[Finding], code: str) -> Finding:
+    (finding,) = findings
+    assert finding.code == code, finding
+    return finding
+
+
+# ---------------------------------------------------------------------------------- broken
+BROKEN: dict[str, Callable[[], tuple[Any, DataLoader | None, dict[str, Any]]]] = {
+    "fold": lambda: (zoo_mixing.FoldsBatch(), None, {}),
+    "transpose": lambda: (zoo_mixing.TransposeMixer(), None, {}),
+    "mean-dim0": lambda: (zoo_mixing.MeanOverDim0(), None, {}),
+    "two-in-two-out": lambda: (
+        zoo_mixing.TwoInTwoOut(),
+        zoo_mixing.two_input_data(),
+        {"input_mapping": lambda batch: (batch[0], batch[1])},
+    ),
+    "dict-out": lambda: (zoo_mixing.DictOut(), None, {}),
+    "transformer": lambda: (zoo_mixing.TinyTransformer(bug=True), zoo_mixing.token_data(), {}),
+    "token-mean": lambda: (zoo_mixing.TokenMeanOverBatch(mix=True), zoo_mixing.token_data(), {}),
+}
+EXPECTED = {  # params, pairs, outputs, inputs
+    "fold": (("model.mixer",), [[0, 1], [2, 3], [3, 2]], ["output"], ["input"]),
+    "transpose": (("model.mixer",), ALL_BUT_0, ["output"], ["input"]),
+    "mean-dim0": (("head",), ALL_BUT_0, ["output"], ["input"]),
+    "two-in-two-out": (("head_b",), [[0, 3], [2, 1], [3, 2]], ["output[1]"], ["input[0]"]),
+    "dict-out": (("pool",), ALL_BUT_0, ["output['score']"], ["input"]),
+    "transformer": (("attn",), ALL_BUT_0, ["output"], ["tok output for input"]),
+    "token-mean": (("head",), ALL_BUT_0, ["output"], ["emb output for input"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_mixing_models_fire_with_the_pairs_and_the_first_mixing_module(case: str) -> None:
+    module, data, kwargs = BROKEN[case]()
+    check = BatchMixingCheck(on_finding="log", **kwargs)
+    _fit(module, check, data=data)
+    finding = _only(check.findings, "batch-mixing")
+    params, pairs, outputs, inputs = EXPECTED[case]
+    assert finding.severity == "error"
+    assert finding.step == 0
+    assert finding.params == params
+    assert finding.data["pairs"] == pairs
+    assert finding.data["outputs"] == outputs
+    assert finding.data["inputs"] == inputs
+    assert finding.data["max_grad"] > 0
+    assert f"The first module whose output mixes samples is `{params[0]}`" in finding.message
+    assert check.steps_checked == 1
+
+
+def test_message_names_samples_output_module_and_fix() -> None:
+    check = BatchMixingCheck(on_finding="log")
+    _fit(zoo_mixing.TransposeMixer(), check)
+    message = check.findings[0].message
+    assert "the output of sample 0 depends on the inputs of samples 1, 2, 3" in message
+    assert "the output of sample 3 depends on the inputs of samples 0, 1, 2" in message
+    assert "`model.mixer` (Linear), after `model.enc` whose output does not" in message
+    assert "Fix: look for view/reshape/permute across the batch dimension" in message
+
+
+def test_dict_output_message_names_the_output_key() -> None:
+    check = BatchMixingCheck(on_finding="log")
+    _fit(zoo_mixing.DictOut(), check)
+    assert check.findings[0].message.startswith(
+        "Samples of a batch of 4 mix: output['score']: the output of sample 0 depends"
+    )
+
+
+def test_mixing_in_the_top_level_forward_is_attributed_to_it() -> None:
+    check = BatchMixingCheck(on_finding="log")
+    _fit(zoo_mixing.MeanOverDim0(at_end=True), check)
+    finding = _only(check.findings, "batch-mixing")
+    assert finding.params == ("MeanOverDim0",)
+    assert "the mixing is in the code of MeanOverDim0.forward, after `head`" in finding.message
+
+
+def test_raise_policy_stops_training() -> None:
+    with pytest.raises(GradientAuditError, match="batch-mixing"):
+        _fit(zoo_mixing.FoldsBatch(), BatchMixingCheck(on_finding="raise"))
+
+
+def test_warn_policy_warns_once() -> None:
+    check = BatchMixingCheck(every_n_steps=1)
+    with pytest.warns(GradientAuditWarning) as record:
+        _fit(zoo_mixing.FoldsBatch(), check, limit_train_batches=3)
+    mixing = [w for w in record if "batch-mixing" in str(w.message)]
+    assert len(mixing) == 1
+    assert check.steps_checked == 3
+    assert check.findings[0].count == 3
+
+
+@pytest.mark.parametrize("bug", [True, False])
+def test_bf16_mixed_precision(bug: bool) -> None:
+    check = BatchMixingCheck(on_finding="log")
+    module = zoo_mixing.TinyTransformer(bug=bug)
+    _fit(module, check, data=zoo_mixing.token_data(), precision="bf16-mixed")
+    if bug:
+        assert _only(check.findings, "batch-mixing").data["pairs"] == ALL_BUT_0
+    else:
+        assert check.findings == []
+
+
+# ---------------------------------------------------------------------------------- clean
+CLEAN: dict[str, Callable[[], tuple[Any, DataLoader | None]]] = {
+    "mlp": lambda: (zoo.MLP(), None),
+    "cnn": lambda: (zoo.CNN(), zoo.image_data()),
+    "batchnorm": lambda: (zoo_mixing.BatchNormNet(), None),
+    "transformer": lambda: (zoo_mixing.TinyTransformer(bug=False), zoo_mixing.token_data()),
+    "token-mean": lambda: (zoo_mixing.TokenMeanOverBatch(mix=False), zoo_mixing.token_data()),
+    "two-in-two-out-head-a": lambda: (zoo_mixing.TwoInTwoOut(), zoo_mixing.two_input_data()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLEAN))
+def test_clean_models_are_silent(case: str) -> None:
+    module, data = CLEAN[case]()
+    kwargs: dict[str, Any] = {}
+    if case == "two-in-two-out-head-a":  # only the clean output is tested
+        kwargs = {
+            "input_mapping": lambda batch: (batch[0], batch[1]),
+            "output_mapping": lambda out: out[0],
+        }
+    check = BatchMixingCheck(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientAuditWarning)
+        _fit(module, check, data=data)
+    assert check.findings == []  # not even check-skipped: the check ran
+    assert check.steps_checked == 1
+
+
+def test_batchnorm_running_stats_untouched_by_the_check() -> None:
+    seen: dict[str, Any] = {}
+
+    class Spy(BatchMixingCheck):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+            bn = pl_module.net[1]
+            before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+            super().on_train_batch_start(trainer, pl_module, batch, i)
+            after = (bn.running_mean, bn.running_var, int(bn.num_batches_tracked))
+            seen["same"] = torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+            seen["tracked"] = (before[2], after[2])
+            seen["training"] = bn.training
+            seen["grads"] = [p.grad for p in pl_module.parameters()]
+
+    check = Spy()
+    _fit(zoo_mixing.BatchNormNet(), check, limit_train_batches=1)
+    assert check.steps_checked == 1 and check.findings == []
+    assert seen["same"] and seen["tracked"] == (0, 0) and seen["training"]
+    assert seen["grads"] == [None] * 6  # first batch: nothing written to .grad
+
+
+# ---------------------------------------------------------------------------------- skipped
+def test_batch_size_1_is_skipped_and_training_goes_on() -> None:
+    check = BatchMixingCheck(on_finding="raise")
+    trainer = _fit(zoo.MLP(), check, data=zoo.regression_data(n=4, batch_size=1))
+    finding = _only(check.findings, "check-skipped")
+    assert finding.severity == "info"
+    assert "batch[0] has batch size 1: mixing needs at least two samples" in finding.message
+    assert trainer.global_step == 2
+
+
+def test_string_batch_is_skipped_with_how_to_configure() -> None:
+    check = BatchMixingCheck()
+    trainer = _fit(zoo_mixing.Strings(), check, data=DataLoader(zoo_mixing.StringBatches(), 4))
+    finding = _only(check.findings, "check-skipped")
+    assert "cannot find the model's input in a batch of type list" in finding.message
+    assert "input_mapping=lambda batch: ..." in finding.message
+    assert trainer.global_step == 2
+
+
+def test_string_batch_uses_example_input_array() -> None:
+    module = zoo_mixing.MeanOverDim0()
+    module.example_input_array = torch.randn(4, 8)
+    module.training_step = lambda batch, batch_idx: module(torch.randn(4, 8)).sum()  # type: ignore
+    check = BatchMixingCheck(on_finding="log")
+    _fit(module, check, data=DataLoader(zoo_mixing.StringBatches(), 4))
+    assert _only(check.findings, "batch-mixing").params == ("head",)
+
+
+def test_forward_failing_on_the_guessed_input_is_skipped_with_how_to_configure() -> None:
+    check = BatchMixingCheck(on_finding="raise")
+    _fit(zoo_mixing.TwoInTwoOut(), check, data=zoo_mixing.two_input_data())
+    finding = _only(check.findings, "check-skipped")
+    assert "pl_module(inputs) with inputs from batch[0] failed: TypeError" in finding.message
+    assert "input_mapping=lambda batch" in finding.message
+
+
+def test_module_without_forward_and_several_children_needs_forward_fn() -> None:
+    check = BatchMixingCheck()
+    _fit(zoo.TwoHeads(), check)
+    finding = _only(check.findings, "check-skipped")
+    assert "TwoHeads does not implement forward and has several submodules" in finding.message
+    assert "forward_fn=lambda pl_module, inputs: ..." in finding.message
+
+    check = BatchMixingCheck(forward_fn=lambda m, x: m.head(torch.tanh(m.backbone(x))))
+    _fit(zoo.TwoHeads(), check)
+    assert check.findings == [] and check.steps_checked == 1
+
+
+def test_forward_fn_replaces_the_forward_pass() -> None:
+    check = BatchMixingCheck(on_finding="log", forward_fn=lambda m, x: m.enc(x))
+    _fit(zoo_mixing.MeanOverDim0(), check)  # its forward mixes; enc alone does not
+    assert check.findings == [] and check.steps_checked == 1
+
+
+# ---------------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize(
+    ("every_n_steps", "accumulate", "runs"), [(None, 1, 1), (0, 1, 1), (2, 1, 4), (1, 2, 4)]
+)
+def test_schedule(every_n_steps: int | None, accumulate: int, runs: int) -> None:
+    check = BatchMixingCheck(every_n_steps=every_n_steps)
+    _fit(zoo.MLP(), check, limit_train_batches=7, accumulate_grad_batches=accumulate)
+    assert check.steps_checked == runs
+    assert check.findings == []
+
+
+def test_settings_are_reported() -> None:
+    check = BatchMixingCheck(sample_count=2, input_mapping=lambda batch: batch[0])
+    entry = check.report_entry()
+    assert entry["settings"] == {
+        "every_n_steps": 0,
+        "on_finding": "warn",
+        "sample_count": 2,
+        "input_mapping": "test_settings_are_reported.<locals>.<lambda>",
+        "output_mapping": None,
+        "forward_fn": None,
+        "atol": 0.0,
+    }
+    json.dumps(entry)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        BatchMixingCheck(every_n_steps=-1)
+    with pytest.raises(ValueError, match="sample_count"):
+        BatchMixingCheck(sample_count=0)
+
+
+# ---------------------------------------------------------------------------------- no trace
+class MetricsRecorder(L.Callback):
+    """Snapshots ``callback_metrics`` around every training batch (placed after the check, so
+    anything the check logged before the training step would show)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.seen.append({k: v.clone() for k, v in trainer.callback_metrics.items()})
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.seen.append({k: v.clone() for k, v in trainer.callback_metrics.items()})
+
+
+def _train(make: Callable[[], Any], data: Callable[[], DataLoader], check: bool) -> dict:
+    torch.manual_seed(0)
+    module = make()
+    recorder = MetricsRecorder()
+    checks = [BatchMixingCheck(every_n_steps=1)] if check else []
+    trainer = zoo.fit(module, [*checks, recorder], data=data(), limit_train_batches=5)
+    if check:
+        assert checks[0].steps_checked == 5 and checks[0].findings == []
+    return {
+        "state": {k: v.clone() for k, v in module.state_dict().items()},
+        "metrics": [*recorder.seen, dict(trainer.callback_metrics)],
+        "rng": torch.get_rng_state(),
+        "opt": trainer.optimizers[0].state_dict(),
+    }
+
+
+@pytest.mark.parametrize("case", ["batchnorm-dropout-logging", "transformer"])
+def test_training_is_bitwise_identical_with_and_without_the_check(case: str) -> None:
+    if case == "transformer":
+        make: Callable[[], Any] = lambda: zoo_mixing.TinyTransformer(bug=False)  # noqa: E731
+        data = zoo_mixing.token_data
+    else:
+        make = lambda: zoo_mixing.BatchNormNet(log_in_forward=True)  # noqa: E731
+        data = zoo.regression_data
+    without, with_check = _train(make, data, False), _train(make, data, True)
+    assert without["state"].keys() == with_check["state"].keys()
+    for k, v in without["state"].items():
+        assert torch.equal(v, with_check["state"][k]), k
+    assert len(without["metrics"]) == len(with_check["metrics"]) == 11
+    for seen, seen_with_check in zip(without["metrics"], with_check["metrics"], strict=True):
+        assert seen.keys() == seen_with_check.keys()
+        assert all(torch.equal(v, seen_with_check[k]) for k, v in seen.items())
+    assert torch.equal(without["rng"], with_check["rng"])
+    momentum = [s.get("momentum_buffer") for s in without["opt"]["state"].values()]
+    momentum2 = [s.get("momentum_buffer") for s in with_check["opt"]["state"].values()]
+    assert all(
+        (a is None and b is None) or torch.equal(a, b)
+        for a, b in zip(momentum, momentum2, strict=True)
+    )
+    if case != "transformer":
+        assert "forward_mean" in without["metrics"][-1]  # logged by forward in training_step
+
+
+def test_inside_gradient_audit_next_to_zero_grad_check() -> None:
+    from grad_callbacks import GradientAudit, ZeroGradCheck
+
+    zero_grad, mixing = ZeroGradCheck(), BatchMixingCheck(every_n_steps=1, on_finding="log")
+    audit = GradientAudit(checks=[zero_grad, mixing])
+    zoo.fit(zoo_mixing.FoldsBatch(), [audit], limit_train_batches=3)
+    assert [f.code for f in audit.findings] == ["batch-mixing"]
+    assert zero_grad.steps_checked == 3 and mixing.steps_checked == 3

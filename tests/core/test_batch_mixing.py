@@ -1,0 +1,265 @@
+"""find_batch_mixing: exact pairs and modules on models that mix samples, silence on clean ones,
+and no trace left on the module, its inputs or the RNG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from grad_callbacks.core.batch_mixing import (
+    CannotCheckMixing,
+    Mixing,
+    batch_size_of,
+    default_sample_indices,
+    find_batch_mixing,
+)
+from tests import zoo, zoo_mixing
+
+SAMPLES = [0, 2, 3]
+
+
+def _pairs(found: list[Mixing]) -> list[tuple[int, int]]:
+    return sorted(p for m in found for p in m.pairs)
+
+
+def _check(model: nn.Module, x: object, **kwargs: object) -> list[Mixing]:
+    torch.manual_seed(0)
+    model.train()
+    return find_batch_mixing(model, x, sample_indices=SAMPLES, module=model, **kwargs)
+
+
+def _x(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+def _ids(batch: int = 4, length: int = 4) -> torch.Tensor:
+    return torch.randint(0, 20, (batch, length), generator=torch.Generator().manual_seed(2))
+
+
+# ---------------------------------------------------------------------------------- broken
+def test_reshape_folding_pairs_of_samples_names_the_pairs_and_the_mixer() -> None:
+    found = _check(zoo_mixing.FoldNet(), _x(4, 8))
+    assert _pairs(found) == [(0, 1), (2, 3), (3, 2)]
+    assert {(m.module, m.module_type, m.previous_module) for m in found} == {
+        ("mixer", "Linear", "enc")
+    }
+    assert all(m.output == "output" and m.inputs == ("input",) for m in found)
+    assert all(m.magnitude > 0 and m.own_magnitude > 0 for m in found)
+
+
+def test_linear_after_transpose_mixes_every_sample() -> None:
+    found = _check(zoo_mixing.TransposeMixer(), _x(4, 8))
+    assert _pairs(found) == [(i, j) for i in SAMPLES for j in range(4) if j != i]
+    assert {m.module for m in found} == {"model.mixer"}
+    assert {m.previous_module for m in found} == {"model.enc"}
+
+
+def test_mean_over_dim0_between_modules_is_localised_to_the_next_module() -> None:
+    found = _check(zoo_mixing.MeanOverDim0(), _x(4, 8))
+    assert _pairs(found) == [(i, j) for i in SAMPLES for j in range(4) if j != i]
+    assert {(m.module, m.previous_module) for m in found} == {("head", "enc")}
+
+
+def test_mean_over_dim0_in_the_top_level_forward_names_the_top_level_module() -> None:
+    found = _check(zoo_mixing.MeanOverDim0(at_end=True), _x(4, 8))
+    assert {(m.module, m.module_type, m.previous_module) for m in found} == {
+        ("MeanOverDim0", "MeanOverDim0", "head")
+    }
+
+
+def test_localisation_survives_in_place_activations() -> None:
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.ReLU(inplace=True), zoo_mixing.BatchPool(), nn.Linear(4, 1)
+    )
+    found = find_batch_mixing(model, _x(4, 4), sample_indices=[0], module=model)
+    assert [(m.module, m.module_type, m.previous_module) for m in found] == [
+        ("2", "BatchPool", "1")
+    ]
+
+
+def test_plain_function_without_module_is_tested_but_not_localised() -> None:
+    found = find_batch_mixing(lambda x: x - x.mean(dim=0), _x(3, 2), sample_indices=[0, 2])
+    assert _pairs(found) == [(0, 1), (0, 2), (2, 0), (2, 1)]
+    assert all(m.module is None for m in found)
+
+
+def test_two_inputs_two_outputs_only_the_mixing_output_and_input_are_named() -> None:
+    model = zoo_mixing.TwoInTwoOut()
+    found = find_batch_mixing(
+        lambda inp: model(*inp), (_x(4, 8), _x(4, 8) + 1), sample_indices=SAMPLES, module=model
+    )
+    assert [(m.output, m.sample, m.sources, m.inputs) for m in found] == [
+        ("output[1]", 0, (3,), ("input[0]",)),
+        ("output[1]", 2, (1,), ("input[0]",)),
+        ("output[1]", 3, (2,), ("input[0]",)),
+    ]
+    assert {m.module for m in found} == {"head_b"}
+    # head_a does not feed output[1]: it is not the module "before" the mixing.
+    assert {m.previous_module for m in found} == {None}
+
+
+def test_dict_output_names_the_key_and_the_pooling_module() -> None:
+    found = _check(zoo_mixing.DictOut(), _x(4, 8))
+    assert {m.output for m in found} == {"output['score']"}
+    assert {(m.module, m.module_type, m.previous_module) for m in found} == {
+        ("pool", "BatchPool", "enc")
+    }
+
+
+def test_dict_inputs_with_non_tensor_leaves() -> None:
+    model = zoo_mixing.FoldNet()
+    batch = {"names": ["a", "b", "c", "d"], "x": _x(4, 8), "scale": torch.tensor(2.0)}
+    found = find_batch_mixing(
+        lambda b: model(b["x"] * b["scale"]), batch, sample_indices=[1], module=model
+    )
+    assert [(m.sample, m.sources, m.inputs, m.module) for m in found] == [
+        (1, (0,), ("input['x']",), "mixer")
+    ]
+
+
+def test_attention_over_the_batch_axis_fires_through_the_token_embedding() -> None:
+    found = _check(zoo_mixing.TinyTransformer(bug=True), _ids())
+    assert _pairs(found) == [(i, j) for i in SAMPLES for j in range(4) if j != i]
+    assert {(m.module, m.module_type) for m in found} == {("attn", "MultiheadAttention")}
+    assert {m.inputs for m in found} == {("tok output for input",)}
+
+
+def test_token_mean_over_batch_fires() -> None:
+    found = _check(zoo_mixing.TokenMeanOverBatch(mix=True), _ids())
+    assert _pairs(found) == [(i, j) for i in SAMPLES for j in range(4) if j != i]
+    assert {m.module for m in found} == {"head"}
+
+
+def test_small_cross_sample_dependence_is_found_unless_below_atol() -> None:
+    def leaky(x: torch.Tensor) -> torch.Tensor:
+        return x + 1e-4 * x.mean(dim=0)
+
+    assert _pairs(find_batch_mixing(leaky, _x(4, 3))) == [(0, 1), (0, 2), (0, 3)]
+    assert find_batch_mixing(leaky, _x(4, 3), atol=1e-3) == []
+
+
+# ---------------------------------------------------------------------------------- clean
+CLEAN = {
+    "mlp": lambda: (zoo.MLP().net, _x(4, 8)),
+    "cnn": lambda: (zoo.CNN().net, _x(4, 1, 8, 8)),
+    "batchnorm-dropout": lambda: (zoo_mixing.BatchNormNet(), _x(4, 8)),
+    "transformer": lambda: (zoo_mixing.TinyTransformer(bug=False), _ids()),
+    "token-mean": lambda: (zoo_mixing.TokenMeanOverBatch(mix=False), _ids()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLEAN))
+def test_clean_models_are_silent(case: str) -> None:
+    model, x = CLEAN[case]()
+    assert _check(model, x) == []
+
+
+def test_batchnorm_without_running_stats_and_input_changed_in_place_are_clean() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1, track_running_stats=False)
+            self.head = nn.Linear(64, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.mul_(2.0)  # changes its input in place
+            return self.head(self.bn(x).flatten(1))
+
+    model = Net()
+    assert _check(model, _x(4, 1, 8, 8)) == []
+    assert model.bn.running_mean is None and model.bn.training
+
+
+def test_sequence_first_attention_is_clean_with_its_batch_dims() -> None:
+    attn = nn.MultiheadAttention(8, 2)  # (T, B, E)
+    x = _x(5, 4, 8)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return attn(x, x, x)[0]
+
+    assert find_batch_mixing(forward, x, sample_indices=[0, 3], input_dim=1, output_dim=1) == []
+    # Read with the wrong axes, every "sample" (a position) attends to every other one.
+    assert find_batch_mixing(forward, x, sample_indices=[0]) != []
+
+
+def test_nan_gradients_from_other_samples_are_not_mixing() -> None:
+    x = _x(4, 3).abs()
+    x[1, 0] = 0.0  # sqrt'(0) = inf: sample 1's gradient for output 0 is 0 * inf = NaN
+    assert find_batch_mixing(torch.sqrt, x, sample_indices=[0, 2]) == []
+
+
+def test_integer_inputs_that_are_not_embedded_are_passed_through() -> None:
+    lin = nn.Linear(3, 1)
+
+    def forward(inp: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, mask = inp
+        return lin(x) * mask.unsqueeze(1)
+
+    mask = torch.tensor([1, 0, 1, 1])
+    assert find_batch_mixing(forward, (_x(4, 3), mask), sample_indices=[0, 3]) == []
+
+
+# ---------------------------------------------------------------------------------- no trace
+def test_no_trace_on_batchnorm_buffers_grads_flags_inputs_or_rng() -> None:
+    model = zoo_mixing.BatchNormNet()
+    model.train()
+    model.net[0].bias.requires_grad_(False)
+    model.net[4].weight.grad = torch.full_like(model.net[4].weight, 7.0)
+    bn = model.net[1]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    x = _x(4, 8)
+    x_before, x_version = x.clone(), x._version
+    rng = torch.get_rng_state()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    assert find_batch_mixing(model, x, sample_indices=SAMPLES, module=model) == []
+
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert int(bn.num_batches_tracked) == 0
+    assert bn.training and model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model.net[4].weight.grad, torch.full_like(model.net[4].weight, 7.0))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "net.4.weight")
+    assert torch.equal(x, x_before) and x._version == x_version and not x.requires_grad
+
+
+def test_buffers_are_restored_after_localisation_too() -> None:
+    class Mixing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+            self.pool = zoo_mixing.BatchPool()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pool(self.bn(x))
+
+    model = Mixing()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    found = find_batch_mixing(model, _x(4, 8), sample_indices=[0], module=model)
+    assert {m.module for m in found} == {"pool"}
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+
+
+# ---------------------------------------------------------------------------------- cannot run
+def test_batch_of_one_cannot_be_checked() -> None:
+    with pytest.raises(CannotCheckMixing, match="1 sample"):
+        find_batch_mixing(nn.Linear(3, 1), _x(1, 3))
+
+
+def test_integer_input_without_embedding_cannot_be_checked() -> None:
+    with pytest.raises(CannotCheckMixing, match=r"reach no nn\.Embedding"):
+        find_batch_mixing(lambda ids: ids.float(), _ids(), module=nn.Linear(1, 1))
+
+
+def test_output_without_the_batch_axis_cannot_be_checked() -> None:
+    with pytest.raises(CannotCheckMixing, match="no floating output has the batch size 4"):
+        find_batch_mixing(lambda x: x.sum(), _x(4, 3))
+
+
+def test_helpers() -> None:
+    assert batch_size_of(({"a": [1, 2]}, _x(6, 2)), dim=0) == 6
+    assert batch_size_of("text") is None
+    assert default_sample_indices(4, 3) == [0, 2, 3]
+    assert default_sample_indices(1, 3) == [0]
