@@ -50,6 +50,7 @@ from grad_callbacks.core.diagnosis import (
 from grad_callbacks.core.per_sample import (
     PerSampleGradError,
     PerSampleStats,
+    ScaleFit,
     batchnorm_eval,
     fit_scale,
     gradient_noise_scale,
@@ -70,6 +71,40 @@ class _MicroBatch:
     batch: Any
     batch_idx: int
     rng: RngState
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    """One per-sample comparison: a batch, the parameters, and the two losses to differentiate."""
+
+    pl_module: pl.LightningModule
+    micro: _MicroBatch
+    batch: Any
+    n: int
+    params: dict[str, Tensor]
+    per_sample_fn: Callable[[nn.Module, Any], Tensor]
+    batch_fn: Callable[[nn.Module, Any], Tensor]
+    chunk_size: int
+    method: str
+
+    def fit(self, eval_bn: bool = False) -> tuple[ScaleFit, PerSampleStats]:
+        """Per-sample statistics and the fit of the batch gradient on their mean."""
+        with (
+            isolated(self.pl_module, rng_state=self.micro.rng),
+            _stochastic_layers_off(self.pl_module),
+            batchnorm_eval(self.pl_module) if eval_bn else nullcontext(),
+        ):
+            batch_grad = loss_grad(self.pl_module, self.batch_fn, self.batch, params=self.params)
+            stats = per_sample_grad_stats(
+                self.pl_module,
+                self.per_sample_fn,
+                self.batch,
+                params=self.params,
+                chunk_size=self.chunk_size,
+                method=self.method,  # type: ignore[arg-type]
+                size=self.n,
+            )
+        return fit_scale(batch_grad, stats.mean_grad), stats
 
 
 def _loss_of(output: Any) -> Tensor:
@@ -272,9 +307,13 @@ class PerSampleGradientCheck(AuditCallback):
             )
             return
 
+        comparison = _Comparison(
+            pl_module, micro, batch, n, params, per_sample_fn, batch_fn, self.chunk_size,
+            self.method,
+        )
         train_bn = any(isinstance(m, _BatchNorm) and m.training for m in pl_module.modules())
         try:
-            fit, stats = self._fit(pl_module, micro, batch, n, params, per_sample_fn, batch_fn)
+            fit, stats = comparison.fit()
             eval_bn = False
         except _NoLoss as exc:
             self.skip(f"{exc}; return the loss, or define per_sample_loss(batch)")
@@ -283,57 +322,16 @@ class PerSampleGradientCheck(AuditCallback):
             if not train_bn:
                 raise
             # BatchNorm1d cannot normalise one sample: compare the eval-mode network instead.
-            fit, stats = self._fit(
-                pl_module, micro, batch, n, params, per_sample_fn, batch_fn, eval_bn=True
-            )
+            fit, stats = comparison.fit(eval_bn=True)
             eval_bn = True
             self._report_bn_coupling(fit=None, n=n)
         self.last_stats = stats
-        self._judge(pl_module, micro, batch, n, params, per_sample_fn, batch_fn, fit, stats,
-                    train_bn and not eval_bn)
-
-    def _fit(
-        self,
-        pl_module: pl.LightningModule,
-        micro: _MicroBatch,
-        batch: Any,
-        n: int,
-        params: dict[str, Tensor],
-        per_sample_fn: Callable[[nn.Module, Any], Tensor],
-        batch_fn: Callable[[nn.Module, Any], Tensor],
-        eval_bn: bool = False,
-    ) -> tuple[Any, PerSampleStats]:
-        with (
-            isolated(pl_module, rng_state=micro.rng),
-            _stochastic_layers_off(pl_module),
-            batchnorm_eval(pl_module) if eval_bn else nullcontext(),
-        ):
-            batch_grad = loss_grad(pl_module, batch_fn, batch, params=params)
-            stats = per_sample_grad_stats(
-                pl_module,
-                per_sample_fn,
-                batch,
-                params=params,
-                chunk_size=self.chunk_size,
-                method=self.method,  # type: ignore[arg-type]
-                size=n,
-            )
-        return fit_scale(batch_grad, stats.mean_grad), stats
+        self._judge(comparison, fit, stats, train_bn and not eval_bn)
 
     def _judge(
-        self,
-        pl_module: pl.LightningModule,
-        micro: _MicroBatch,
-        batch: Any,
-        n: int,
-        params: dict[str, Tensor],
-        per_sample_fn: Callable[[nn.Module, Any], Tensor],
-        batch_fn: Callable[[nn.Module, Any], Tensor],
-        fit: Any,
-        stats: PerSampleStats,
-        train_bn: bool,
+        self, comparison: _Comparison, fit: ScaleFit, stats: PerSampleStats, train_bn: bool
     ) -> None:
-        step = self.current_step
+        step, n, micro = self.current_step, comparison.n, comparison.micro
         samples = judge_samples(
             stats.sq_norms, stats.nonfinite, factor=self.outlier_factor, share=self.outlier_share
         )
@@ -380,13 +378,11 @@ class PerSampleGradientCheck(AuditCallback):
                     data={"indices": idx, "ratio": samples.outlier_ratio, "samples": n},
                 )
             )
-        dtype = next(iter(params.values())).dtype
+        dtype = next(iter(comparison.params.values())).dtype
         tol = coupling_tolerance(dtype)
         verdict = classify_scale(scale, residual, n, coupling_tol=tol)
         if verdict == "coupled" and train_bn:
-            eval_fit, _ = self._fit(
-                pl_module, micro, batch, n, params, per_sample_fn, batch_fn, eval_bn=True
-            )
+            eval_fit, _ = comparison.fit(eval_bn=True)
             eval_scale, eval_residual = float(eval_fit.scale), float(eval_fit.residual)
             eval_verdict = classify_scale(eval_scale, eval_residual, n, coupling_tol=tol)
             if eval_verdict != "coupled":
@@ -450,7 +446,7 @@ class PerSampleGradientCheck(AuditCallback):
                 )
             )
 
-    def _report_bn_coupling(self, fit: Any, n: int) -> None:
+    def _report_bn_coupling(self, fit: ScaleFit | None, n: int) -> None:
         residual = float(fit.residual) if fit is not None else float("nan")
         text = (
             f"relative residual {residual:.3g}" if not math.isnan(residual)
