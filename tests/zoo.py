@@ -378,3 +378,31 @@ def token_data(n: int = 32, length: int = 6, batch_size: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 20, (n, length), generator=g)
     return DataLoader(TensorDataset(tokens, (tokens[:, 0] % 2)), batch_size=batch_size)
+
+
+class NoisyInputs(MLP):
+    """Clean: Gaussian noise augmentation drawn in training_step (not a dropout layer)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x + 0.1 * torch.randn_like(x)), y)
+
+
+class ItemControlFlow(MLP):
+    """Clean, but vmap cannot run it (``.item()`` in training_step): the loop path runs."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self.net(x)
+        if out.sum().item() > 1e9:  # data-dependent control flow
+            out = out * 0
+        return nn.functional.mse_loss(out, y)
+
+
+class ItemControlFlowDoublingHook(ItemControlFlow):
+    """Broken: a doubling gradient hook on a model that takes the loop path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for p in self.parameters():
+            p.register_hook(lambda g: 2 * g)

@@ -106,6 +106,22 @@ class _Comparison:
             )
         return fit_scale(batch_grad, stats.mean_grad), stats
 
+    def loss_is_random(self, tol: float) -> bool:
+        """Whether the batch gradient changes with the random stream, dropout layers off.
+
+        Noise drawn in ``training_step`` itself (``torch.randn_like`` augmentation, random
+        masking) cannot be drawn alike in the batch and per-sample passes, so their difference
+        says nothing about coupling.
+        """
+        grads = []
+        module = self.pl_module
+        for seed in (None, 1234567):
+            with isolated(module, rng_state=self.micro.rng), _stochastic_layers_off(module):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                grads.append(loss_grad(module, self.batch_fn, self.batch, params=self.params))
+        return float(relative_error(grads[1], grads[0])) > tol
+
 
 def _loss_of(output: Any) -> Tensor:
     if isinstance(output, Tensor):
@@ -159,7 +175,7 @@ class PerSampleGradientCheck(AuditCallback):
             that slicing ``training_step``'s batch cannot express (default: the module's
             ``per_sample_loss`` method if it has one, else ``training_step``).
         outlier_factor: a sample is an outlier when its gradient norm is at least this many
-            times the median...
+            times the median and the root-mean-square of the other samples' norms...
         outlier_share: ...and it carries at least this share of the batch's squared norms.
         check_optimizer_grad: compare the optimizer's gradient with the loss's (``grad-mismatch``).
 
@@ -210,6 +226,13 @@ class PerSampleGradientCheck(AuditCallback):
             "outlier_share": self.outlier_share,
             "check_optimizer_grad": self.check_optimizer_grad,
         }
+
+    def report_entry(self) -> dict[str, Any]:
+        entry = super().report_entry()
+        if self.last_stats is not None:
+            entry["per_sample_method"] = self.last_stats.method
+            entry["vmap_fallback_reason"] = self.last_stats.fallback_reason
+        return entry
 
     # ------------------------------------------------------------------ schedule
     def is_scheduled(self, step: int) -> bool:
@@ -277,7 +300,11 @@ class PerSampleGradientCheck(AuditCallback):
     def _compare_per_sample(
         self, pl_module: pl.LightningModule, micro: _MicroBatch, params: dict[str, Tensor]
     ) -> None:
+        sample_losses = self._sample_losses(pl_module)
         b = batch_size(micro.batch)
+        if b is None and sample_losses is not None:
+            with isolated(pl_module, rng_state=micro.rng), torch.no_grad():
+                b = len(sample_losses(pl_module, micro.batch))
         if b is None:
             self.skip(
                 "cannot tell the batch dimension of this batch (no tensors, or tensors whose "
@@ -290,7 +317,6 @@ class PerSampleGradientCheck(AuditCallback):
             return
         n = min(b, self.max_samples)
         batch = slice_batch(micro.batch, slice(0, n), size=b) if n < b else micro.batch
-        sample_losses = self._sample_losses(pl_module)
         if sample_losses is not None:
             per_sample_fn = lambda m, x: sample_losses(m, x).sum()  # noqa: E731
             batch_fn = (
@@ -318,13 +344,14 @@ class PerSampleGradientCheck(AuditCallback):
         except _NoLoss as exc:
             self.skip(f"{exc}; return the loss, or define per_sample_loss(batch)")
             return
-        except PerSampleGradError:
+        except PerSampleGradError as exc:
             if not train_bn:
                 raise
-            # BatchNorm1d cannot normalise one sample: compare the eval-mode network instead.
+            # BatchNorm1d cannot normalise one sample: compare the eval-mode network instead. If
+            # something else failed, the eval-mode attempt fails too and the check is skipped.
             fit, stats = comparison.fit(eval_bn=True)
             eval_bn = True
-            self._report_bn_coupling(fit=None, n=n)
+            self._report_bn_coupling(fit=None, n=n, reason=str(exc))
         self.last_stats = stats
         self._judge(comparison, fit, stats, train_bn and not eval_bn)
 
@@ -381,6 +408,15 @@ class PerSampleGradientCheck(AuditCallback):
         dtype = next(iter(comparison.params.values())).dtype
         tol = coupling_tolerance(dtype)
         verdict = classify_scale(scale, residual, n, coupling_tol=tol)
+        if verdict == "coupled" and comparison.loss_is_random(tol):
+            self.skip(
+                "the training loss draws random numbers outside dropout layers (noise "
+                "augmentation, random masking in training_step), which the batch and the "
+                "per-sample passes cannot share, so their comparison says nothing; give the "
+                "module a per_sample_loss(batch) that draws none, or guard the noise with "
+                "`if self.training:`"
+            )
+            return
         if verdict == "coupled" and train_bn:
             eval_fit, _ = comparison.fit(eval_bn=True)
             eval_scale, eval_residual = float(eval_fit.scale), float(eval_fit.residual)
@@ -446,11 +482,11 @@ class PerSampleGradientCheck(AuditCallback):
                 )
             )
 
-    def _report_bn_coupling(self, fit: ScaleFit | None, n: int) -> None:
+    def _report_bn_coupling(self, fit: ScaleFit | None, n: int, reason: str = "") -> None:
         residual = float(fit.residual) if fit is not None else float("nan")
         text = (
             f"relative residual {residual:.3g}" if not math.isnan(residual)
-            else "per-sample gradients are undefined with one sample per BatchNorm1d call"
+            else "train-mode per-sample gradients could not be computed: " + reason
         )
         self.report(
             make_finding(
@@ -492,8 +528,10 @@ class PerSampleGradientCheck(AuditCallback):
             if not bool(finite):
                 return  # an overflow step that the GradScaler skips: nothing to compare
             error = float(relative_error(live, recomputed))
-            mixed = "mixed" in str(trainer.precision)
-            tol = MISMATCH_TOL["mixed" if mixed else "32"]
+            precision = str(trainer.precision)
+            tol = MISMATCH_TOL[
+                "mixed" if "mixed" in precision else "64" if "64" in precision else "32"
+            ]
             self.queue_scalars({"optimizer_grad_error": error})
             if error > tol:
                 per_param = {

@@ -14,8 +14,9 @@ them:
   submodule is restored.
 
 Python attributes the user's ``training_step`` changes by itself (a counter, say) cannot be
-restored in general: keep ``training_step`` free of such side effects, or give the check a
-``per_sample_loss``.
+restored in general: keep ``training_step`` free of such side effects. (A ``per_sample_loss``
+spares the per-sample passes, but the batch gradient and the ``grad-mismatch`` replay still run
+``training_step``.)
 
 Example:
     >>> import torch

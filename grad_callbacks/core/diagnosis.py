@@ -86,7 +86,15 @@ def judge_samples(
     outliers: list[int] = []
     if finite_sq.numel() >= MIN_OUTLIER_SAMPLES:
         total = finite_sq.sum()
-        dominating = (norms >= factor * median) & (finite_sq >= share * total) & (total > 0)
+        # The median alone is fooled by a few near-zero gradients (well-fitted samples); the
+        # root-mean-square of the *other* samples is not.
+        rms_others = ((total - finite_sq) / (finite_sq.numel() - 1)).sqrt()
+        dominating = (
+            (norms >= factor * median)
+            & (norms >= factor * rms_others)
+            & (finite_sq >= share * total)
+            & (total > 0)
+        )
         finite_index = torch.nonzero(~nonfinite).flatten()
         outliers = finite_index[dominating].tolist()
     return SampleVerdict(tuple(bad), tuple(outliers), (q[0], q[1], q[2]), ratio)

@@ -335,26 +335,43 @@ def _loop_chunks(
     batch: Any,
     n: int,
     params: dict[str, Tensor],
+    module_names: dict[str, str],
     chunk_size: int,
 ) -> GradChunks:
-    frozen = [k for k, p in params.items() if not p.requires_grad]
-    if frozen:
-        raise ValueError(f"the loop method needs requires_grad=True parameters; not: {frozen}")
-    keys = list(params)
-    plist = [params[k] for k in keys]
+    named = (params, module_names)
     with _restored_buffers(module):
         for start in range(0, n, chunk_size):
-            rows: list[tuple[Tensor | None, ...]] = []
-            for i in range(start, min(start + chunk_size, n)):
-                loss = _scalar(loss_fn(module, slice_batch(batch, i, size=n)))
-                rows.append(torch.autograd.grad(loss, plist, allow_unused=True))
-            yield (
-                start,
-                {
-                    k: torch.stack([torch.zeros_like(p) if r[j] is None else r[j] for r in rows])
-                    for j, (k, p) in enumerate(zip(keys, plist, strict=True))
-                },
-            )
+            rows = [
+                _hook_free_grad(module, loss_fn, slice_batch(batch, i, size=n), *named)
+                for i in range(start, min(start + chunk_size, n))
+            ]
+            yield start, {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+def _hook_free_grad(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: dict[str, Tensor],
+    module_names: dict[str, str],
+) -> dict[str, Tensor]:
+    """The gradient of ``loss_fn(module, batch)`` w.r.t. detached copies of ``params``.
+
+    Hooks on the live parameters do not apply to the copies, so the vmap path, the loop and the
+    batch gradient all see the loss's own gradient (a rescaling hook is the optimizer gradient's
+    business, not the per-sample comparison's).
+    """
+    from torch.func import functional_call
+
+    detached = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    tensors = {f"inner.{module_names[k]}": v for k, v in detached.items()}
+    with torch.enable_grad():
+        loss = functional_call(_LossModule(module, loss_fn), tensors, (batch,))
+        grads = torch.autograd.grad(loss, list(detached.values()), allow_unused=True)
+    return {
+        k: torch.zeros_like(p) if g is None else g
+        for (k, p), g in zip(detached.items(), grads, strict=True)
+    }
 
 
 # ---------------------------------------------------------------------------------- sinks
@@ -463,7 +480,10 @@ def _run(
                 reason = _describe(exc)
         sink = make_sink(chosen, flat.size)
         try:
-            for start, grads in _loop_chunks(module, loss_fn, batch, flat.size, chosen, chunk_size):
+            chunks = _loop_chunks(
+                module, loss_fn, batch, flat.size, chosen, module_names, chunk_size
+            )
+            for start, grads in chunks:
                 sink.add(start, grads)
         except Exception as exc:
             if method == "loop":
@@ -676,16 +696,6 @@ def loss_grad(
         >>> g["weight"]
         tensor([[3., 3.]])
     """
-    from torch.func import functional_call
-
     chosen, module_names = _resolve_params(module, params)
-    wrapper = _LossModule(module, loss_fn)
-    detached = {k: p.detach().requires_grad_(True) for k, p in chosen.items()}
-    tensors = {f"inner.{module_names[k]}": v for k, v in detached.items()}
-    with _restored_buffers(module), torch.enable_grad():
-        loss = functional_call(wrapper, tensors, (batch,))
-        grads = torch.autograd.grad(loss, list(detached.values()), allow_unused=True)
-    return {
-        k: torch.zeros_like(p) if g is None else g
-        for (k, p), g in zip(detached.items(), grads, strict=True)
-    }
+    with _restored_buffers(module):
+        return _hook_free_grad(module, loss_fn, batch, chosen, module_names)

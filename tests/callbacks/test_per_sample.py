@@ -199,3 +199,47 @@ def test_non_invasive_bitwise() -> None:
     assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
     assert torch.equal(r0, r1)
     assert torch.equal(a0, a1)
+
+
+def test_noise_augmentation_in_training_step_is_no_false_alarm() -> None:
+    check = _check()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientAuditWarning)
+        zoo.fit(zoo.NoisyInputs(), [check], data=_data8())
+    assert _alarms(check.findings) == []
+    (finding,) = check.findings
+    assert finding.code == "check-skipped" and "random numbers" in finding.message
+
+
+def test_loop_fallback_is_silent_on_a_clean_model_and_reported() -> None:
+    check = _check()
+    zoo.fit(zoo.ItemControlFlow(), [check], data=_data8())
+    assert check.findings == []
+    assert check.last_stats is not None and check.last_stats.method == "loop"
+    entry = check.report_entry()
+    assert entry["per_sample_method"] == "loop" and entry["vmap_fallback_reason"]
+
+
+def test_loop_fallback_sees_no_hooks_so_only_grad_mismatch_fires() -> None:
+    check = _check()
+    zoo.fit(zoo.ItemControlFlowDoublingHook(), [check], data=_data8())
+    assert {f.code for f in check.findings} == {"grad-mismatch"}
+
+
+def test_per_sample_loss_tells_the_batch_size_of_an_odd_batch() -> None:
+    class DictBatch(zoo.MLP):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.per_sample_loss(batch).mean()
+
+        def per_sample_loss(self, batch: Any) -> torch.Tensor:
+            x, y = batch["x"], batch["y"]
+            return torch.nn.functional.mse_loss(self.net(x), y, reduction="none").mean(dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    # "x" and "y" have 8 rows; "w" has 3: leading dimensions disagree
+    batch = {"x": torch.randn(8, 8, generator=g), "y": torch.randn(8, 1, generator=g),
+             "w": torch.ones(3), "name": "run"}
+    check = _check()
+    zoo.fit(DictBatch(), [check], data=zoo.DataLoader([batch, batch], batch_size=None))
+    assert check.findings == []
+    assert check.last_stats is not None and check.last_stats.n == 8
