@@ -1,0 +1,299 @@
+"""GradientSanityCheck: trainable parameters that get no gradient, and non-finite gradients.
+
+A thin adapter over :class:`~grad_callbacks.core.grad_stats.GradSanityMonitor`: at every
+attempted optimizer step (``on_before_optimizer_step``, automatic and manual optimization,
+before clipping, after AMP unscaling) it folds the stepping optimizer's gradients into device
+accumulators, and every ``every_n_steps`` steps it brings one small tensor to the host and turns
+it into findings.
+
+Example:
+    >>> import lightning as L
+    >>> check = GradientSanityCheck(patience=3, every_n_steps=10)
+    >>> trainer = L.Trainer(callbacks=[check])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.core.grad_stats import GradSanityMonitor, GroupSummary, HostCopy, LocalGradProbe
+from grad_callbacks.findings import CODES, make_finding
+
+_MAX_NAMES = 6
+# Steps whose gradient norms may wait on the device for a scheduled read (a row of floats per
+# parameter each): beyond this the rows are copied to the host early, without waiting on CUDA.
+_MAX_PENDING_STEPS = 64
+
+
+def _names(params: Sequence[str]) -> str:
+    shown = ", ".join(params[:_MAX_NAMES])
+    return shown + (f" and {len(params) - _MAX_NAMES} more" if len(params) > _MAX_NAMES else "")
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+class GradientSanityCheck(AuditCallback):
+    """Finds trainable parameters that get no gradient and NaN/Inf gradients.
+
+    At each attempted step of an optimizer, only that optimizer's parameters with
+    ``requires_grad=True`` at that moment are looked at: a frozen parameter is never missing,
+    and neither is one whose ``requires_grad`` ``toggle_optimizer`` switched off for another
+    optimizer's step.
+
+    * ``missing-grad`` (warning): a trainable parameter's ``.grad`` was None, or exactly zero
+      (what ``zero_grad(set_to_none=False)`` leaves on a parameter the loss does not reach), at
+      ``patience`` consecutive steps of its optimizer. A parameter used only every few steps (an
+      auxiliary head on some batches) is fine as long as it gets a gradient at least once every
+      ``patience`` steps. Under DDP, unused parameters keep a None gradient (or a zero one) on
+      every process, so every process reports them.
+    * ``nonfinite-grad`` (error): NaN/Inf in a gradient at a step; the parameters and the first
+      step are named. With a GradScaler (``16-mixed``), non-finite gradients are the scaler's
+      business: it skips those steps and lowers the scale, so they are not reported.
+      ``bf16-mixed`` and 32-bit have no scaler, and are checked. Under DDP each process tests
+      its *local* gradients (before they are averaged over processes, which would spread one
+      process's NaN to all of them), so the finding names the process whose data caused it.
+
+    Cost and schedule: per step, one ``torch._foreach_norm`` (L1) over the stepping optimizer's
+    gradients and one ``torch.stack`` of the norms, on the device; nothing is read from the
+    device. Every ``every_n_steps`` steps (and at the end of each epoch, and after at most 64
+    steps) the rows of norms gathered since the last read are concatenated and brought to the
+    host in one transfer (4 bytes per parameter and step), where the streaks and first steps
+    are worked out. On CUDA that copy is asynchronous (pinned memory and an event) and its
+    findings are reported at the first later hook where it has landed, except under
+    ``on_finding="raise"`` (read at once, so training stops before the optimizer applies the
+    gradient) and at steps whose scalars are logged. Under DDP a tensor hook per parameter
+    records local gradient norms (one small kernel per parameter per backward pass).
+
+    Scalars (on the Trainer's ``log_every_n_steps`` cadence, at scheduled steps):
+    ``grad_audit/sanity/missing_params`` (trainable parameters without a gradient at the step)
+    and ``grad_audit/sanity/nonfinite_params`` (parameters with a NaN/Inf gradient since the
+    previous read).
+
+    Args:
+        patience: how many consecutive steps of its optimizer a trainable parameter may go
+            without a gradient before ``missing-grad`` is reported (default 3).
+        every_n_steps: read the device accumulators every this many optimizer steps
+            (default 1: one small transfer per step). Nothing is lost between reads: the first
+            step of every finding is recorded on the device.
+        on_finding: ``"warn"``, ``"raise"`` or ``"log"``.
+
+    Example:
+        >>> GradientSanityCheck(patience=5).settings()["patience"]
+        5
+    """
+
+    check_name = "GradientSanityCheck"
+    metric_prefix = "sanity"
+
+    def __init__(
+        self, *, patience: int = 3, every_n_steps: int = 1, on_finding: OnFinding = "warn"
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive int, got {patience!r}")
+        self.patience = patience
+        self._monitor: GradSanityMonitor | None = None
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._param_counts: list[int] = []
+        self._optimizer_names: list[str] = []
+        self._probe: LocalGradProbe | None = None
+        self._reads: list[tuple[HostCopy, list[Any], GradSanityMonitor, int]] = []
+        self._names: dict[int, str] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "patience": self.patience}
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._names = {}
+        for name, p in pl_module.named_parameters():
+            self._names.setdefault(id(p), name)
+        self._optimizers = list(trainer.optimizers)
+        self._optimizer_names = [
+            f"optimizer {i} ({type(opt).__name__})" for i, opt in enumerate(self._optimizers)
+        ]
+        self._build()
+        if trainer.world_size > 1:
+            self._probe = LocalGradProbe(
+                [p for opt in self._optimizers for p in _optimizer_params(opt)]
+            )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self._monitor is None:
+            return
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        index = next((i for i, opt in enumerate(self._optimizers) if opt is raw), None)
+        if index is None:
+            return
+        with self.timed(), self.guarded("the gradient statistics"):
+            self._observe(trainer, index)
+            self._poll()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        with self.timed(), self.guarded("reading the gradient statistics"):
+            self._poll()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Findings must be in the log before the base class gathers them from every process.
+        with self.timed(), self.guarded("reading the gradient statistics"):
+            self._flush()
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            with self.timed(), self.guarded("reading the gradient statistics"):
+                self._flush()
+        finally:
+            self._release()
+        super().on_train_end(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        try:
+            self._flush()
+        except Exception:  # training already failed; what was read is recorded
+            pass
+        finally:
+            self._release()
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    # ------------------------------------------------------------------ internals
+    def _build(self) -> None:
+        groups = []
+        for i, opt in enumerate(self._optimizers):
+            named = [
+                (self._names.get(id(p), f"optimizer{i}.param{j}"), p)
+                for j, p in enumerate(_optimizer_params(opt))
+            ]
+            groups.append(named)
+        self._param_counts = [len(g) for g in groups]
+        self._monitor = GradSanityMonitor(groups, patience=self.patience)
+
+    def _refresh(self) -> None:
+        """Rebuild the accumulators when an optimizer got new parameter groups (unfreezing)."""
+        counts = [len(_optimizer_params(opt)) for opt in self._optimizers]
+        if counts != self._param_counts:
+            self._submit()
+            self._build()
+
+    def _observe(self, trainer: pl.Trainer, index: int) -> None:
+        self._refresh()
+        assert self._monitor is not None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaled = scaler is not None and bool(scaler.is_enabled())
+        local = None
+        if self._probe is not None:
+            group = self._monitor.groups[index]
+            self._probe.add(group.params)
+            local = self._probe.take(group.params)
+            if local is None:  # no backward pass reached this optimizer's parameters here
+                local = torch.zeros(len(group.params), device=group.device)
+        self._monitor.observe(
+            index, self.current_step, count_nonfinite=not scaled, local_norms=local
+        )
+        self.steps_checked += 1
+        if self.current_step % self.every_n_steps == 0:
+            wait = self.on_finding == "raise" or self.wants_scalars()
+            self._submit(wait=wait)
+        elif self._monitor.pending_steps >= _MAX_PENDING_STEPS:
+            self._submit()  # bounds device memory; on CUDA the copy does not wait
+
+    def _submit(self, wait: bool = False) -> None:
+        """Start bringing the accumulators to the host (one transfer); a new window begins."""
+        if self._monitor is None:
+            return
+        collected = self._monitor.collect()
+        if collected is not None:
+            tensor, layout = collected
+            self._reads.append((HostCopy(tensor), layout, self._monitor, self.current_step))
+            if wait:
+                self._poll(wait=True, scalars=True)
+
+    def _poll(self, wait: bool = False, scalars: bool = False) -> None:
+        """Report what the reads that have landed show (in order; waits if ``wait``)."""
+        while self._reads and (wait or self._reads[0][0].ready()):
+            copy, layout, monitor, step = self._reads.pop(0)
+            summaries = monitor.decode(copy.result(), layout)
+            if scalars and step == self.current_step and self.wants_scalars():
+                self.queue_scalars(
+                    {
+                        "missing_params": sum(s.without_grad for s in summaries),
+                        "nonfinite_params": sum(len(s.nonfinite) for s in summaries),
+                    }
+                )
+            for summary in summaries:
+                self._report_summary(summary)
+
+    def _flush(self) -> None:
+        self._submit()
+        self._poll(wait=True)
+
+    def _release(self) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+
+    def _report_summary(self, s: GroupSummary) -> None:
+        opt = self._optimizer_names[s.group] if s.group < len(self._optimizer_names) else "?"
+        local = self._probe is not None
+        if s.nonfinite:
+            where = " (this process's local gradients, before DDP averaging)" if local else ""
+            self.report(
+                make_finding(
+                    "nonfinite-grad",
+                    check=self.check_name,
+                    step=s.nonfinite_step,
+                    params=s.nonfinite,
+                    message=(
+                        f"NaN/Inf gradients{where} at a step of {opt}, first at step "
+                        f"{s.nonfinite_step}, in {len(s.nonfinite)} parameter(s): "
+                        f"{_names(s.nonfinite)}. No GradScaler guards this step, so the "
+                        f"optimizer applies them. Fix: {CODES['nonfinite-grad'].fix}."
+                    ),
+                    data={"optimizer": s.group, "local": local},
+                )
+            )
+        if s.missing:
+            self.report(
+                make_finding(
+                    "missing-grad",
+                    check=self.check_name,
+                    step=s.missing_step,
+                    params=s.missing,
+                    message=(
+                        f"{len(s.missing)} trainable parameter(s) of {opt} got no gradient "
+                        f"(None or all zeros) at {self.patience} consecutive steps of it, by "
+                        f"step {s.missing_step}: {_names(s.missing)}. The loss does not reach "
+                        f"them: an unused layer or head, or a graph cut by detach(), .data, "
+                        f"torch.no_grad() or a round trip through .item()/numpy. "
+                        f"Fix: {CODES['missing-grad'].fix}."
+                    ),
+                    data={
+                        "optimizer": s.group,
+                        "patience": self.patience,
+                        "streak": s.streak,
+                    },
+                )
+            )

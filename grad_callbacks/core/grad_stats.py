@@ -1,0 +1,338 @@
+"""Device-side gradient sanity statistics: missing and non-finite gradients, per parameter.
+
+Pure torch (no Lightning). :class:`GradSanityMonitor` watches groups of parameters (one group
+per optimizer). At each step of a group, :meth:`GradSanityMonitor.observe` computes every
+gradient's L1 norm with one ``torch._foreach_norm`` call and stacks them into a row of
+per-parameter values that stays on the device (two device operations per step, no host
+synchronisation): the norm is 0 exactly when the gradient is all zeros, NaN when it holds a NaN,
+and Inf when it holds an Inf (a sum of absolute values does not overflow short of 3e38; 16-bit
+gradients are summed in float32). A parameter whose ``.grad`` is None counts as 0, one that does
+not require gradients (frozen, or switched off by ``toggle_optimizer``) as 1.
+
+:meth:`GradSanityMonitor.collect` concatenates the rows gathered since the last call into one
+tensor: reading it is a single host transfer (:class:`HostCopy`, a non-blocking copy into pinned
+memory on CUDA). :meth:`GradSanityMonitor.decode` then folds the rows, in order, on the host:
+
+* ``streak``: consecutive steps of the group at which a trainable parameter got no gradient
+  (``.grad`` None, or exactly zero, as ``zero_grad(set_to_none=False)`` leaves parameters the
+  loss does not reach); reaching ``patience`` makes it *missing*;
+* the first step of the window with a NaN/Inf gradient, per parameter.
+
+:class:`LocalGradProbe` records each parameter's *local* gradient norm during the backward pass,
+before DDP averages gradients over processes, so that a non-finite gradient is attributed to
+the process whose data produced it.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> monitor = GradSanityMonitor([list(model.named_parameters())], patience=2)
+    >>> for step in range(2):
+    ...     model[1](torch.ones(1, 2)).sum().backward()   # model[0] gets no gradient
+    ...     monitor.observe(0, step)
+    >>> tensor, layout = monitor.collect()
+    >>> (summary,) = monitor.decode(HostCopy(tensor).result(), layout)
+    >>> summary.missing, summary.missing_step
+    (('0.weight', '0.bias'), 1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+_NO_STEP = -1
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """What a window of steps of one group (optimizer) showed.
+
+    Attributes:
+        group: the group's index.
+        missing: parameters whose no-gradient streak reached ``patience`` in the window.
+        missing_step: the first step at which one of them did (-1 if none).
+        nonfinite: parameters with a NaN/Inf gradient at some step of the window.
+        nonfinite_step: the first such step (-1 if none).
+        without_grad: trainable parameters that got no gradient at the group's latest step.
+        streak: the longest no-gradient streak among ``missing`` (0 if none).
+    """
+
+    group: int
+    missing: tuple[str, ...] = ()
+    missing_step: int = _NO_STEP
+    nonfinite: tuple[str, ...] = ()
+    nonfinite_step: int = _NO_STEP
+    without_grad: int = 0
+    streak: int = 0
+
+
+def l1_norms(grads: Sequence[Tensor]) -> list[Tensor]:
+    """Each gradient's L1 norm as a 0-d device tensor, without host synchronisation.
+
+    One ``torch._foreach_norm`` call (two when 16-bit gradients, summed in float32, are mixed
+    with others). 0 means all zeros; NaN and Inf propagate. Empty tensors give 0.
+
+    Example:
+        >>> [float(n) for n in l1_norms([torch.tensor([1.0, -3.0]), torch.zeros(2)])]
+        [4.0, 0.0]
+    """
+    out: list[Tensor | None] = [None] * len(grads)
+    low = [i for i, g in enumerate(grads) if g.dtype in _LOW_PRECISION]
+    rest = [i for i, g in enumerate(grads) if g.dtype not in _LOW_PRECISION]
+    if low:
+        norms = torch._foreach_norm([grads[i] for i in low], 1, dtype=torch.float32)
+        for i, n in zip(low, norms, strict=True):
+            out[i] = n
+    if rest:
+        for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest], 1), strict=True):
+            out[i] = n
+    return [n for n in out if n is not None]
+
+
+class _Group:
+    def __init__(self, named: Sequence[tuple[str, Tensor]]) -> None:
+        self.names = tuple(n for n, _ in named)
+        self.params = [p for _, p in named]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        # 0-d stand-ins for parameters without a norm: "no gradient", and "not looked at"
+        self.absent = torch.zeros((), device=self.device)
+        self.skipped = torch.ones((), device=self.device)
+        # host side, advanced by decode()
+        self.streak = torch.zeros(len(self.params), dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class _Row:
+    group: int
+    step: int
+    count_nonfinite: bool
+    local: bool  # a second row of local norms follows for the NaN/Inf test
+
+
+class GradSanityMonitor:
+    """Per-step gradient norms of groups of parameters, kept on the device until read.
+
+    Args:
+        groups: one list of ``(name, parameter)`` pairs per group (an optimizer's parameters).
+        patience: how many consecutive steps of a group without a gradient make a parameter
+            *missing*.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[tuple[str, Tensor]]], patience: int = 3) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = patience
+        self.groups = [_Group(list(named)) for named in groups]
+        self._rows: list[tuple[_Row, list[Tensor]]] = []
+
+    @property
+    def pending_steps(self) -> int:
+        """Steps observed since the last :meth:`collect`."""
+        return len(self._rows)
+
+    def observe(
+        self,
+        group: int,
+        step: int,
+        *,
+        count_nonfinite: bool = True,
+        local_norms: Tensor | None = None,
+    ) -> None:
+        """Record the current gradients of ``group`` (device operations only).
+
+        Only parameters with ``requires_grad=True`` at this moment are looked at.
+
+        Args:
+            group: the group's index.
+            step: the step number to record for what is seen now.
+            count_nonfinite: False where non-finite gradients are expected and handled
+                elsewhere (a GradScaler skips the step).
+            local_norms: per-parameter norms to test for NaN/Inf instead of those of the
+                current ``.grad`` (e.g. from a :class:`LocalGradProbe`, before DDP's averaging).
+        """
+        g = self.groups[group]
+        if not g.params:
+            return
+        slots: list[Tensor | None] = []
+        present: list[Tensor] = []
+        where: list[int] = []
+        for i, p in enumerate(g.params):
+            grad = p.grad
+            if not p.requires_grad:
+                slots.append(g.skipped)
+            elif grad is None:
+                slots.append(g.absent)
+            elif grad.numel() == 0:
+                slots.append(g.skipped)
+            else:
+                slots.append(None)
+                present.append(grad)
+                where.append(i)
+        for i, norm in zip(where, l1_norms(present), strict=True):
+            slots[i] = norm if norm.device == g.device else norm.to(g.device, non_blocking=True)
+        tensors = [torch.stack([s for s in slots if s is not None])]
+        if local_norms is not None and count_nonfinite:
+            tensors.append(local_norms)
+        row = _Row(group, int(step), count_nonfinite, len(tensors) == 2)
+        self._rows.append((row, tensors))
+
+    def collect(self) -> tuple[Tensor, list[_Row]] | None:
+        """The rows observed since the last call, concatenated into one float32 device tensor,
+        with their layout for :meth:`decode`; None when there are none.
+
+        Reading the tensor is the caller's single host transfer.
+        """
+        if not self._rows:
+            return None
+        device = self.groups[self._rows[0][0].group].device
+        parts = [t.to(device, torch.float32) for _, tensors in self._rows for t in tensors]
+        layout = [row for row, _ in self._rows]
+        self._rows = []
+        return torch.cat(parts), layout
+
+    def decode(self, host: Tensor, layout: Sequence[_Row]) -> list[GroupSummary]:
+        """Fold collected rows (on the host, in the order collected) into one summary per group
+        seen in them. Calls must follow the order of :meth:`collect`."""
+        first_missing: dict[int, Tensor] = {}
+        first_nonfinite: dict[int, Tensor] = {}
+        offset = 0
+        for row in layout:
+            g = self.groups[row.group]
+            n = len(g.params)
+            values = host[offset : offset + n]
+            offset += n
+            tested = values
+            if row.local:
+                tested = host[offset : offset + n]
+                offset += n
+            fm = first_missing.setdefault(row.group, torch.full((n,), _NO_STEP))
+            fn = first_nonfinite.setdefault(row.group, torch.full((n,), _NO_STEP))
+            g.streak = torch.where(values == 0, g.streak + 1, 0)
+            fm[(g.streak >= self.patience) & (fm == _NO_STEP)] = row.step
+            if row.count_nonfinite:
+                fn[~torch.isfinite(tested) & (fn == _NO_STEP)] = row.step
+        out = []
+        for index in sorted(first_missing):
+            g = self.groups[index]
+            fm, fn = first_missing[index].tolist(), first_nonfinite[index].tolist()
+            streak = g.streak.tolist()
+            hit = [i for i, s in enumerate(fm) if s != _NO_STEP]
+            bad = [i for i, s in enumerate(fn) if s != _NO_STEP]
+            out.append(
+                GroupSummary(
+                    group=index,
+                    missing=tuple(g.names[i] for i in hit),
+                    missing_step=min((fm[i] for i in hit), default=_NO_STEP),
+                    nonfinite=tuple(g.names[i] for i in bad),
+                    nonfinite_step=min((fn[i] for i in bad), default=_NO_STEP),
+                    without_grad=sum(1 for s in streak if s > 0),
+                    streak=max((streak[i] for i in hit), default=0),
+                )
+            )
+        return out
+
+
+class HostCopy:
+    """A device tensor on its way to the host, without blocking where the device allows it.
+
+    On CUDA the copy goes into pinned memory with ``non_blocking=True`` and a CUDA event marks
+    its completion: :meth:`ready` asks the event without waiting, :meth:`result` waits. On the
+    CPU the tensor is already on the host. Other devices copy synchronously.
+
+    Example:
+        >>> HostCopy(torch.tensor([1, 2])).result().tolist()
+        [1, 2]
+    """
+
+    def __init__(self, tensor: Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if tensor.device.type == "cpu":
+            self._host = tensor
+        elif tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(tensor.device))
+        else:
+            self._host = tensor.cpu()
+
+    def ready(self) -> bool:
+        """Whether the copy has landed (never waits)."""
+        return self._event is None or bool(self._event.query())
+
+    def result(self) -> Tensor:
+        """The host tensor, waiting for the copy if needed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+class LocalGradProbe:
+    """Records each parameter's local gradient L1 norm during backward passes.
+
+    A tensor hook (``Tensor.register_hook``) sees the gradient a backward pass computed for a
+    parameter before it is accumulated into ``.grad``, and so before DDP averages it over
+    processes. Its L1 norm is added up over the backward passes since the last :meth:`take`
+    (NaN and Inf stay).
+    One small device kernel per parameter and backward pass, so use it only where it matters
+    (DDP).
+
+    Args:
+        params: the parameters to watch (those that do not require gradients are skipped).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> probe = LocalGradProbe([w])
+        >>> (w * float("nan")).sum().backward()
+        >>> probe.take([w])
+        tensor([nan])
+        >>> probe.remove()
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._norms: dict[int, Tensor] = {}
+        self._handles: dict[int, RemovableHandle] = {}
+        self.add(params)
+
+    def add(self, params: Sequence[Tensor]) -> None:
+        """Watch those of ``params`` that require gradients now and are not watched yet (a
+        parameter unfrozen since)."""
+        for p in params:
+            if p.requires_grad and id(p) not in self._handles:
+                self._handles[id(p)] = p.register_hook(self._make_hook(id(p)))
+
+    def _make_hook(self, key: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if not grad.numel():
+                return
+            with torch.no_grad():
+                dtype = torch.float32 if grad.dtype in _LOW_PRECISION else None
+                norm = torch.linalg.vector_norm(grad.detach(), 1, dtype=dtype)
+            prev = self._norms.get(key)
+            self._norms[key] = norm if prev is None else prev + norm
+
+        return hook
+
+    def take(self, params: Sequence[Tensor]) -> Tensor | None:
+        """The recorded norms of ``params`` (0 for those without one), and forget them.
+
+        None when no parameter of ``params`` has a recorded norm.
+        """
+        found = [self._norms.pop(id(p), None) for p in params]
+        if all(n is None for n in found):
+            return None
+        ref = next(n for n in found if n is not None)
+        zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
+        return torch.stack([zero if n is None else n.to(ref.device) for n in found])
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+        self._norms.clear()
