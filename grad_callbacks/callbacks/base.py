@@ -141,13 +141,19 @@ class AuditCallback(pl.Callback):
         # Other ranks' findings are announced by rank 0 once gathered.
         return self._trainer is None or self._trainer.is_global_zero
 
-    def skip(self, reason: str, params: tuple[str, ...] = ()) -> None:
-        """Report that the check could not run (``check-skipped``); training goes on."""
+    def skip(self, reason: str, params: tuple[str, ...] = (), step: int | None = None) -> None:
+        """Report that the check could not run (``check-skipped``); training goes on.
+
+        Args:
+            reason: why, and how to configure the check so that it runs.
+            params: names of the parameters or modules concerned.
+            step: the step the skipped work was about (default: the current step).
+        """
         self.report(
             make_finding(
                 "check-skipped",
                 check=self.check_name,
-                step=self.current_step,
+                step=self.current_step if step is None else step,
                 message=f"{self.check_name} skipped: {reason}. Training goes on.",
                 params=params,
                 data={"reason": reason},
@@ -196,14 +202,16 @@ class AuditCallback(pl.Callback):
         trainer = self._trainer
         return trainer is not None and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
 
-    def queue_scalars(self, metrics: Mapping[str, float]) -> None:
-        """Queue scalars (tags under ``grad_audit/<metric_prefix>/``) stamped with this step.
+    def queue_scalars(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Queue scalars (tags under ``grad_audit/<metric_prefix>/``) for the next write.
 
-        They are written at the end of the training batch, stamped with the ``global_step`` of
-        the moment they were queued (what ``self.log`` would have used).
+        They are written at the end of the training batch, stamped with ``step``: by default the
+        ``global_step`` of the moment they were queued (what ``self.log`` would have used); a
+        check that reads its results later passes the step they describe.
         """
         prefix = f"grad_audit/{self.metric_prefix}/"
-        pending = self._pending_scalars.setdefault(self.current_step, {})
+        stamp = self.current_step if step is None else step
+        pending = self._pending_scalars.setdefault(stamp, {})
         pending.update({prefix + k: float(v) for k, v in metrics.items()})
 
     def _flush_scalars(self, trainer: pl.Trainer) -> None:

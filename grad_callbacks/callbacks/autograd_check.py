@@ -1,0 +1,477 @@
+"""AutogradCheck: finite differences against autograd for custom Functions and chosen modules.
+
+How it runs, at the first training batch of every fit and at the batch after
+:meth:`AutogradCheck.run_now`:
+
+1. ``on_before_backward``: the loss's autograd graph is walked (``grad_fn`` and
+   ``next_functions``) to find the custom ``torch.autograd.Function`` classes the training step
+   used. The graph gives the classes but not their inputs.
+2. ``on_train_batch_end`` (the live step is over), only if a Function was found or modules were
+   named: ``training_step`` is run once more on the first ``max_samples`` samples of the batch,
+   under ``torch.no_grad()``, while a :class:`~grad_callbacks.core.gradcheck.CallRecorder`
+   records the inputs of the first call of each Function (by temporarily wrapping its
+   ``forward``) and of each named module (a forward pre-hook). This recomputation is isolated
+   from the run: the torch, Python and NumPy random streams are forked and restored, ``log`` and
+   ``log_dict`` do nothing, the module's buffers (BatchNorm running statistics) and torchmetrics
+   states are saved and restored, and in manual optimization ``optimizers()`` and
+   ``lr_schedulers()`` return stand-ins whose ``step`` and ``zero_grad`` do nothing while
+   ``manual_backward``, ``toggle_optimizer`` and ``untoggle_optimizer`` do nothing. No gradient
+   is computed on the live graph and no ``.grad`` is touched.
+3. The recorded inputs are copied to float64 and the Jacobian from the custom ``backward()``
+   is compared with central finite differences
+   (:func:`~grad_callbacks.core.gradcheck.check_function` and
+   :func:`~grad_callbacks.core.gradcheck.check_module`).
+
+A model without custom Functions and without named modules costs one graph walk at its first
+batch, and nothing afterwards.
+
+Example:
+    >>> import lightning as L
+    >>> check = AutogradCheck(modules=["encoder.block0"])
+    >>> trainer = L.Trainer(callbacks=[check])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.core.gradcheck import (
+    CallRecorder,
+    FunctionClass,
+    Outcome,
+    Tolerance,
+    check_function,
+    check_module,
+    find_custom_functions,
+)
+from grad_callbacks.findings import CODES, make_finding
+
+# Attributes of a torchmetrics Metric that updates change (found by duck typing, so torchmetrics
+# need not be imported).
+_METRIC_ATTRS = ("_update_count", "_computed", "_forward_cache", "_update_called")
+
+
+def function_name(cls: type) -> str:
+    """The name a Function is reported under: its qualified name (``Square``,
+    ``Outer.Square``), without the ``<locals>`` of a class defined in a function.
+
+    Example:
+        >>> function_name(torch.autograd.Function)
+        'Function'
+    """
+    return cls.__qualname__.replace("<locals>.", "")
+
+
+class _StubOptimizer:
+    """Stands in for an optimizer during the recomputation: reads go to the real one, steps
+    and ``zero_grad`` do nothing (a closure passed to ``step`` is still called)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def step(self, closure: Any = None, **kwargs: Any) -> Any:
+        return closure() if closure is not None else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def toggle_model(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        yield
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_real":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+
+class _StubScheduler:
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_real":
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+
+def _one_or_list(items: list[Any]) -> Any:
+    if not items:
+        return None
+    return items[0] if len(items) == 1 else items
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _noop_context(*args: Any, **kwargs: Any) -> Iterator[None]:
+    yield
+
+
+@contextlib.contextmanager
+def isolated(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run a recomputation of ``training_step`` without leaving a trace on the run.
+
+    Forks the torch (CPU and the module's CUDA devices), Python and NumPy random streams; makes
+    ``log``, ``log_dict``, ``manual_backward``, ``toggle_optimizer``, ``untoggle_optimizer``,
+    ``toggled_optimizer`` and ``clip_gradients`` no-ops and ``optimizers()`` /
+    ``lr_schedulers()`` return stand-ins; restores buffers and torchmetrics states; disables
+    gradient computation.
+    """
+    devices = sorted(
+        {t.device.index or 0 for t in pl_module.parameters() if t.device.type == "cuda"}
+    )
+    py_state = random.getstate()
+    np_state = _numpy_state()
+    buffers = [
+        (module, name, buf, buf.detach().clone())
+        for module in pl_module.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None
+    ]
+    metrics = [
+        (
+            m,
+            {
+                k: copy.deepcopy(getattr(m, k))
+                for k in (*m._defaults, *_METRIC_ATTRS)
+                if hasattr(m, k)
+            },
+        )
+        for m in pl_module.modules()
+        if isinstance(getattr(m, "_defaults", None), dict)
+    ]
+    optimizers = [_StubOptimizer(o) for o in trainer.optimizers]
+    schedulers = [_StubScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
+    stubs: dict[str, Any] = {
+        "log": _noop,
+        "log_dict": _noop,
+        "manual_backward": _noop,
+        "toggle_optimizer": _noop,
+        "untoggle_optimizer": _noop,
+        "toggled_optimizer": _noop_context,
+        "clip_gradients": _noop,
+        "optimizers": lambda use_pl_optimizer=True: _one_or_list(optimizers),
+        "lr_schedulers": lambda: _one_or_list(schedulers),
+    }
+    own = pl_module.__dict__
+    saved = {k: own[k] for k in stubs if k in own}
+    try:
+        own.update(stubs)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            yield
+    finally:
+        for k in stubs:
+            if k in saved:
+                own[k] = saved[k]
+            else:
+                own.pop(k, None)
+        with torch.no_grad():
+            for module, name, buf, value in buffers:
+                module._buffers[name] = buf
+                buf.copy_(value)
+        for m, state in metrics:
+            for k, v in state.items():
+                setattr(m, k, v)
+        random.setstate(py_state)
+        _set_numpy_state(np_state)
+
+
+def _numpy_state() -> Any:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        return None
+    return np.random.get_state()
+
+
+def _set_numpy_state(state: Any) -> None:
+    if state is not None:
+        import numpy as np
+
+        np.random.set_state(state)
+
+
+def slice_batch(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of every tensor of a batch (along dim 0; other leaves kept).
+
+    Example:
+        >>> x, y = slice_batch((torch.zeros(8, 3), torch.ones(8)), 2)
+        >>> tuple(x.shape), tuple(y.shape)
+        ((2, 3), (2,))
+    """
+    return tree_map(lambda v: v[:n] if isinstance(v, Tensor) and v.dim() > 0 else v, batch)
+
+
+class AutogradCheck(AuditCallback):
+    """Compares autograd with finite differences for custom Functions and chosen modules.
+
+    Every custom ``torch.autograd.Function`` that the training loss's graph goes through
+    (torch's own excluded) is checked at inputs recorded from the training step, and so is
+    every module named in ``modules``. Runs at the first training batch of a fit and at the
+    batch after :meth:`run_now`, never on live tensors: see the module documentation for how
+    the inputs are recorded and how the run is kept untouched.
+
+    Findings: ``autograd-mismatch`` (error) names the Function (its class's qualified name) or
+    module, with the worst Jacobian entry (which input and output, at which index, the
+    analytic and numerical values); ``check-skipped`` (info) for a Function or module that could
+    not be checked (not float64-compatible, not called in the recomputation, no floating
+    input, an unknown module name), with the reason.
+
+    Tolerances (float64): an entry is off when ``|analytic - numerical| > atol + rtol *
+    |numerical|``; finite differences are central with step ``eps``. Where an entry is off,
+    one-sided differences at ``eps`` and ``eps / 10`` tell a kink (a ReLU-like Function at an
+    input of exactly 0, where any derivative is right) from a wrong derivative; kinks are left
+    out (counted in ``data["nondifferentiable"]``). At most ``max_entries``
+    input entries and ``max_entries`` output entries are compared (a seeded random subset spread
+    over every input beyond that), so a check costs at most ``2 * max_entries`` forward and
+    ``max_entries`` backward evaluations of the Function or module on ``max_samples`` samples.
+
+    Limitations: Functions are found through the loss passed to ``on_before_backward``, so in
+    manual optimization a raw ``loss.backward()`` (instead of ``self.manual_backward``) hides
+    them (named modules are still checked). Side effects of ``training_step`` other than those
+    listed in the module documentation (e.g. a counter attribute it increments, a parameter it
+    changes in place) are not undone. Under DDP every process checks; ``training_step`` is
+    recomputed on the unwrapped module, so DDP itself runs no collective, but one written in
+    ``training_step`` (``all_gather``, ``SyncBatchNorm``) runs again on every process.
+
+    Args:
+        modules: names of submodules (as in ``named_modules()``) to check as a whole, with
+            their trainable parameters and floating inputs.
+        max_samples: how many samples of the batch the recomputation uses.
+        max_entries: the budget of input (and of output) entries compared per check.
+        atol: absolute tolerance.
+        rtol: relative tolerance.
+        eps: finite-difference step.
+        every_n_steps: accepted for a uniform interface; the check runs at fit start and on
+            demand.
+        on_finding: ``"warn"``, ``"raise"`` or ``"log"``.
+
+    Example:
+        >>> check = AutogradCheck(modules=["encoder"], max_samples=4)
+        >>> check.run_now()  # check again at the next training batch
+    """
+
+    check_name = "AutogradCheck"
+    metric_prefix = "autograd"
+
+    def __init__(
+        self,
+        modules: Sequence[str] = (),
+        *,
+        max_samples: int = 2,
+        max_entries: int = 256,
+        atol: float = 1e-5,
+        rtol: float = 1e-3,
+        eps: float = 1e-6,
+        every_n_steps: int = 1,
+        on_finding: OnFinding = "warn",
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
+        if isinstance(modules, str):
+            modules = [modules]
+        if max_samples < 1 or max_entries < 1:
+            raise ValueError("max_samples and max_entries must be positive")
+        self.modules = list(modules)
+        self.max_samples = max_samples
+        self.tolerance = Tolerance(atol=atol, rtol=rtol, eps=eps, max_entries=max_entries)
+        self._requested = False
+        self._armed = False
+        self._armed_step = 0
+        self._functions: list[FunctionClass] = []
+        self._error_note = ""
+        #: How many loss graphs were walked, training steps recomputed and checks run: the
+        #: check's work, for tests and cost accounting.
+        self.graph_walks = 0
+        self.recomputations = 0
+        self.checks_run = 0
+
+    def settings(self) -> dict[str, Any]:
+        tol = self.tolerance
+        return {
+            **super().settings(),
+            "modules": list(self.modules),
+            "max_samples": self.max_samples,
+            "max_entries": tol.max_entries,
+            "atol": tol.atol,
+            "rtol": tol.rtol,
+            "eps": tol.eps,
+        }
+
+    def run_now(self) -> None:
+        """Check again at the next training batch."""
+        self._requested = True
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._requested = True
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._requested:
+            self._requested = False
+            self._armed = True
+            self._armed_step = trainer.global_step
+            self._functions = []
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if not self._armed:
+            return
+        with self.timed(), self.guarded("walking the loss graph"):
+            self.graph_walks += 1
+            for cls in find_custom_functions(loss.grad_fn):
+                if cls not in self._functions:
+                    self._functions.append(cls)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._armed:
+            self._armed = False
+            with self.timed(), self.guarded("the autograd check"):
+                self._check(trainer, pl_module, batch, batch_idx)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    # ------------------------------------------------------------------ the check
+    def _check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._functions and not self.modules:
+            return
+        self.steps_checked += 1
+        named = dict(pl_module.named_modules())
+        modules = {}
+        for name in self.modules:
+            if name in named:
+                modules[name] = named[name]
+            else:
+                self.skip(
+                    f"module {name!r} is not a submodule of the model",
+                    params=(name,),
+                    step=self._armed_step,
+                )
+        recorder = self._recompute(trainer, pl_module, batch, batch_idx, modules)
+        for cls in self._functions:
+            name = function_name(cls)
+            if cls not in recorder.function_inputs:
+                self.skip(
+                    f"the custom Function {name} was not called when training_step was run "
+                    f"again{self._error_note}",
+                    params=(name,),
+                    step=self._armed_step,
+                )
+                continue
+            self.checks_run += 1
+            self._report(
+                name,
+                "custom autograd.Function",
+                check_function(cls, recorder.function_inputs[cls], self.tolerance),
+            )
+        for name, module in modules.items():
+            if name not in recorder.module_inputs:
+                self.skip(
+                    f"module {name!r} was not called when training_step was run again"
+                    f"{self._error_note}",
+                    params=(name,),
+                    step=self._armed_step,
+                )
+                continue
+            self.checks_run += 1
+            kind = f"module {type(module).__name__}"
+            self._report(
+                name, kind, check_module(module, recorder.module_inputs[name], self.tolerance)
+            )
+
+    def _recompute(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        modules: dict[str, nn.Module],
+    ) -> CallRecorder:
+        """Run ``training_step`` once more on a slice of ``batch``, recording inputs."""
+        self.recomputations += 1
+        self._error_note = ""
+        error: BaseException | None = None
+        recorder = CallRecorder(self._functions, modules)
+        for attempt in (slice_batch(batch, self.max_samples), batch):
+            error = None
+            with recorder, isolated(trainer, pl_module):
+                try:
+                    pl_module.training_step(attempt, batch_idx)
+                except Exception as exc:  # e.g. a raw loss.backward() under no_grad
+                    error = exc
+            if error is None or recorder.function_inputs or recorder.module_inputs:
+                break
+        if error is not None:
+            self._error_note = f" (it raised {type(error).__name__}: {error})"
+        return recorder
+
+    def _report(self, name: str, kind: str, outcome: Outcome) -> None:
+        if outcome.status == "skipped":
+            self.skip(
+                f"{kind} {name} cannot be checked: {outcome.reason}",
+                params=(name,),
+                step=self._armed_step,
+            )
+            return
+        if outcome.status != "mismatch" or outcome.worst is None:
+            return
+        w = outcome.worst
+        tol = outcome.settings
+        self.report(
+            make_finding(
+                "autograd-mismatch",
+                check=self.check_name,
+                step=self._armed_step,
+                params=(name,),
+                message=(
+                    f"The backward of {kind} {name} disagrees with finite differences: "
+                    f"d {w.output}{list(w.output_index)} / d {w.input}{list(w.input_index)} is "
+                    f"{w.analytic:.6g} by autograd but {w.numerical:.6g} by central differences "
+                    f"(float64, eps={tol['eps']:g}); {outcome.mismatched} of {outcome.checked} "
+                    f"Jacobian entries checked differ by more than atol + rtol * |numerical| "
+                    f"(atol={tol['atol']:g}, rtol={tol['rtol']:g}). "
+                    f"Fix: {CODES['autograd-mismatch'].fix}."
+                ),
+                data={
+                    "kind": "module" if kind.startswith("module") else "function",
+                    "input": w.input,
+                    "input_index": list(w.input_index),
+                    "output": w.output,
+                    "output_index": list(w.output_index),
+                    "analytic": w.analytic,
+                    "numerical": w.numerical,
+                    "abs_error": w.error,
+                    "mismatched": outcome.mismatched,
+                    "checked": outcome.checked,
+                    "nondifferentiable": outcome.nondifferentiable,
+                    **tol,
+                },
+            )
+        )
