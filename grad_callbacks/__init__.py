@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 
 from grad_callbacks.callbacks import (
     AuditCallback,
+    AutogradCheck,
     BatchMixingCheck,
     GradientAudit,
+    GradientSanityCheck,
     PerSampleGradientCheck,
     ZeroGradCheck,
 )
@@ -27,12 +29,14 @@ from grad_callbacks.sinks.warnings import GradientAuditWarning
 __all__ = [
     "CODES",
     "AuditCallback",
+    "AutogradCheck",
     "BatchMixingCheck",
     "CodeInfo",
     "Finding",
     "GradientAudit",
     "GradientAuditError",
     "GradientAuditWarning",
+    "GradientSanityCheck",
     "PerSampleGradientCheck",
     "Severity",
     "ZeroGradCheck",

@@ -2,8 +2,13 @@
 
 Example:
     >>> audit = GradientAudit(on_finding="log")
-    >>> [c.check_name for c in audit.checks]
-    ['ZeroGradCheck', 'PerSampleGradientCheck', 'BatchMixingCheck']
+    >>> for check in audit.checks:
+    ...     print(check.check_name)
+    ZeroGradCheck
+    PerSampleGradientCheck
+    BatchMixingCheck
+    GradientSanityCheck
+    AutogradCheck
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from grad_callbacks.callbacks.autograd_check import AutogradCheck
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
 from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
+from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 from grad_callbacks.findings import Finding
 
@@ -24,6 +31,8 @@ DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (
     ZeroGradCheck,
     PerSampleGradientCheck,
     BatchMixingCheck,
+    GradientSanityCheck,
+    AutogradCheck,
 )
 
 # Hooks the base class implements itself: it runs them after the checks have run theirs.
