@@ -33,18 +33,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.callbacks.recompute import isolated
+from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.gradcheck import (
     CallRecorder,
     FunctionClass,
@@ -56,10 +54,6 @@ from grad_callbacks.core.gradcheck import (
 )
 from grad_callbacks.findings import CODES, make_finding
 
-# Attributes of a torchmetrics Metric that updates change (found by duck typing, so torchmetrics
-# need not be imported).
-_METRIC_ATTRS = ("_update_count", "_computed", "_forward_cache", "_update_called")
-
 
 def function_name(cls: type) -> str:
     """The name a Function is reported under: its qualified name (``Square``,
@@ -70,152 +64,6 @@ def function_name(cls: type) -> str:
         'Function'
     """
     return cls.__qualname__.replace("<locals>.", "")
-
-
-class _StubOptimizer:
-    """Stands in for an optimizer during the recomputation: reads go to the real one, steps
-    and ``zero_grad`` do nothing (a closure passed to ``step`` is still called)."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def step(self, closure: Any = None, **kwargs: Any) -> Any:
-        return closure() if closure is not None else None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def toggle_model(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        yield
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_real":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self._real, name)
-
-
-class _StubScheduler:
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_real":
-            raise AttributeError(name)
-        return getattr(self._real, name)
-
-
-def _one_or_list(items: list[Any]) -> Any:
-    if not items:
-        return None
-    return items[0] if len(items) == 1 else items
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def _noop_context(*args: Any, **kwargs: Any) -> Iterator[None]:
-    yield
-
-
-@contextlib.contextmanager
-def isolated(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """Run a recomputation of ``training_step`` without leaving a trace on the run.
-
-    Forks the torch (CPU and the module's CUDA devices), Python and NumPy random streams; makes
-    ``log``, ``log_dict``, ``manual_backward``, ``toggle_optimizer``, ``untoggle_optimizer``,
-    ``toggled_optimizer`` and ``clip_gradients`` no-ops and ``optimizers()`` /
-    ``lr_schedulers()`` return stand-ins; restores buffers and torchmetrics states; disables
-    gradient computation.
-    """
-    devices = sorted(
-        {t.device.index or 0 for t in pl_module.parameters() if t.device.type == "cuda"}
-    )
-    py_state = random.getstate()
-    np_state = _numpy_state()
-    buffers = [
-        (module, name, buf, buf.detach().clone())
-        for module in pl_module.modules()
-        for name, buf in module._buffers.items()
-        if buf is not None
-    ]
-    metrics = [
-        (
-            m,
-            {
-                k: copy.deepcopy(getattr(m, k))
-                for k in (*m._defaults, *_METRIC_ATTRS)
-                if hasattr(m, k)
-            },
-        )
-        for m in pl_module.modules()
-        if isinstance(getattr(m, "_defaults", None), dict)
-    ]
-    optimizers = [_StubOptimizer(o) for o in trainer.optimizers]
-    schedulers = [_StubScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
-    stubs: dict[str, Any] = {
-        "log": _noop,
-        "log_dict": _noop,
-        "manual_backward": _noop,
-        "toggle_optimizer": _noop,
-        "untoggle_optimizer": _noop,
-        "toggled_optimizer": _noop_context,
-        "clip_gradients": _noop,
-        "optimizers": lambda use_pl_optimizer=True: _one_or_list(optimizers),
-        "lr_schedulers": lambda: _one_or_list(schedulers),
-    }
-    own = pl_module.__dict__
-    saved = {k: own[k] for k in stubs if k in own}
-    try:
-        own.update(stubs)
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            yield
-    finally:
-        for k in stubs:
-            if k in saved:
-                own[k] = saved[k]
-            else:
-                own.pop(k, None)
-        with torch.no_grad():
-            for module, name, buf, value in buffers:
-                module._buffers[name] = buf
-                buf.copy_(value)
-        for m, state in metrics:
-            for k, v in state.items():
-                setattr(m, k, v)
-        random.setstate(py_state)
-        _set_numpy_state(np_state)
-
-
-def _numpy_state() -> Any:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
-        return None
-    return np.random.get_state()
-
-
-def _set_numpy_state(state: Any) -> None:
-    if state is not None:
-        import numpy as np
-
-        np.random.set_state(state)
-
-
-def slice_batch(batch: Any, n: int) -> Any:
-    """The first ``n`` samples of every tensor of a batch (along dim 0; other leaves kept).
-
-    Example:
-        >>> x, y = slice_batch((torch.zeros(8, 3), torch.ones(8)), 2)
-        >>> tuple(x.shape), tuple(y.shape)
-        ((2, 3), (2,))
-    """
-    return tree_map(lambda v: v[:n] if isinstance(v, Tensor) and v.dim() > 0 else v, batch)
 
 
 class AutogradCheck(AuditCallback):
@@ -419,9 +267,11 @@ class AutogradCheck(AuditCallback):
         self._error_note = ""
         error: BaseException | None = None
         recorder = CallRecorder(self._functions, modules)
-        for attempt in (slice_batch(batch, self.max_samples), batch):
+        size = batch_size(batch)
+        small = slice_batch(batch, slice(0, self.max_samples), size=size) if size else batch
+        for attempt in (small, batch):
             error = None
-            with recorder, isolated(trainer, pl_module):
+            with recorder, isolated(pl_module, trainer=trainer), torch.no_grad():
                 try:
                     pl_module.training_step(attempt, batch_idx)
                 except Exception as exc:  # e.g. a raw loss.backward() under no_grad

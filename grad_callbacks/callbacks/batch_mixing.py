@@ -15,8 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +23,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.callbacks.recompute import stood_in
 from grad_callbacks.core.batch_mixing import (
     CannotCheckMixing,
     Mixing,
@@ -79,27 +79,6 @@ def _forward_target(module: pl.LightningModule) -> tuple[nn.Module, str] | None:
     if len(children) == 1:
         return children[0][1], f"pl_module.{children[0][0]}"
     return None
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextmanager
-def _muted_logging(module: pl.LightningModule) -> Iterator[None]:
-    """``self.log`` / ``self.log_dict`` do nothing inside the block (a forward that logs would
-    otherwise overwrite the user's values under this hook's name)."""
-    saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
-    module.__dict__["log"] = _noop
-    module.__dict__["log_dict"] = _noop
-    try:
-        yield
-    finally:
-        for name in ("log", "log_dict"):
-            if name in saved:
-                module.__dict__[name] = saved[name]
-            else:
-                module.__dict__.pop(name, None)
 
 
 def _samples(indices: Sequence[int]) -> str:
@@ -295,7 +274,7 @@ class BatchMixingCheck(AuditCallback):
 
         def forward(prepared: Any) -> Any:
             try:
-                with precision.forward_context(), _muted_logging(pl_module):
+                with precision.forward_context(), stood_in(pl_module):
                     out = run_model(prepared)
             except Exception as exc:
                 raise _ForwardFailed(f"{type(exc).__name__}: {exc}") from exc

@@ -65,6 +65,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from grad_callbacks.core.state import restored_state
+
 #: Relative size of a change in a module's output, against its largest value, below which the
 #: localisation pass treats the element as unchanged (deterministic CPU runs change nothing).
 _LOCALISE_RTOL = 1e-5
@@ -228,33 +230,6 @@ def _norms_in_eval(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-@contextmanager
-def _restored_state(module: nn.Module) -> Iterator[None]:
-    """Put back every buffer, and the weights of max-norm embeddings (renormalised in forward)."""
-    saved = [
-        (owner, "_buffers", name, t, t.detach().clone())
-        for owner in module.modules()
-        for name, t in owner._buffers.items()
-        if t is not None
-    ]
-    saved += [
-        (owner, "_parameters", "weight", owner.weight, owner.weight.detach().clone())
-        for owner in module.modules()
-        if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) and owner.max_norm is not None
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for owner, table, name, original, copy in saved:
-                slots = getattr(owner, table)
-                if slots.get(name) is not original:
-                    slots[name] = original
-                # Through .data: batch_norm-like kernels update buffers without bumping the
-                # version counter, and a graph that saved the tensor must stay valid.
-                original.data.copy_(copy)
-
-
 def _cuda_devices(*objs: Any) -> list[int]:
     devices: set[int] = set()
     for obj in objs:
@@ -286,7 +261,7 @@ def isolated(module: nn.Module | None, inputs: Any = None) -> Iterator[None]:
         stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(module, inputs)))
         if module is not None:
             stack.enter_context(_norms_in_eval(module))
-            stack.enter_context(_restored_state(module))
+            stack.enter_context(restored_state(module))
         yield
 
 

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from grad_callbacks.core.batch import FlatBatch, flatten_batch, slice_batch
+from grad_callbacks.core.state import restored_state
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Method = Literal["auto", "vmap", "loop"]
@@ -231,28 +232,6 @@ class _LossModule(nn.Module):
         return _scalar(self._loss_fn(self.inner, batch))
 
 
-@contextmanager
-def _restored_buffers(module: nn.Module) -> Iterator[None]:
-    """Snapshot every buffer of ``module`` and put it back afterwards (in place, same objects)."""
-    saved = [
-        (owner, name, buf, buf.detach().clone())
-        for owner in module.modules()
-        for name, buf in owner._buffers.items()
-        if buf is not None
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for owner, name, buf, copy in saved:
-                if owner._buffers.get(name) is not buf:
-                    owner._buffers[name] = buf
-                # Kernels such as batch_norm update running stats without bumping the version
-                # counter, so every buffer is written back; through .data, whose version counter
-                # is separate, so an autograd graph that saved the buffer stays valid.
-                buf.data.copy_(copy)
-
-
 # ---------------------------------------------------------------------------------- sources
 GradChunks = Iterator[tuple[int, dict[str, Tensor]]]
 _NO_BATCH_RULE = "There is a performance drop because we have not yet implemented the batching rule"
@@ -339,7 +318,7 @@ def _loop_chunks(
     chunk_size: int,
 ) -> GradChunks:
     named = (params, module_names)
-    with _restored_buffers(module):
+    with restored_state(module):
         for start in range(0, n, chunk_size):
             rows = [
                 _hook_free_grad(module, loss_fn, slice_batch(batch, i, size=n), *named)
@@ -697,5 +676,5 @@ def loss_grad(
         tensor([[3., 3.]])
     """
     chosen, module_names = _resolve_params(module, params)
-    with _restored_buffers(module):
+    with restored_state(module):
         return _hook_free_grad(module, loss_fn, batch, chosen, module_names)

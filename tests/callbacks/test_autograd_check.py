@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from grad_callbacks import Finding, GradientAuditError, GradientAuditWarning
-from grad_callbacks.callbacks.autograd_check import AutogradCheck, slice_batch
+from grad_callbacks.callbacks.autograd_check import AutogradCheck
 from grad_callbacks.core.gradcheck import CallRecorder, check_function, find_custom_functions
 from tests import zoo
 
@@ -433,9 +433,3 @@ def test_both_checks_in_a_gradient_audit_bundle() -> None:
     trainer = zoo.fit(FunctionNet(BadSquare), [audit])
     assert [f.code for f in audit.findings] == ["autograd-mismatch"]
     assert audit.checks[0].steps_checked == trainer.global_step
-
-
-def test_slice_batch_keeps_non_tensors() -> None:
-    batch = {"x": torch.zeros(5, 2), "name": "a", "n": torch.tensor(3)}
-    out = slice_batch(batch, 2)
-    assert out["x"].shape == (2, 2) and out["name"] == "a" and out["n"] == 3
