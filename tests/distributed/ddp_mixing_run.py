@@ -14,7 +14,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.sinks.warnings import GradientAuditWarning
 from tests import zoo, zoo_mixing
+from tests.distributed.ddp import close_process_group, ddp_trainer
 
 warnings.filterwarnings("ignore")
 
@@ -30,25 +30,13 @@ def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
     module = zoo_mixing.MeanOverDim0() if mode == "mixing" else zoo_mixing.BatchNormNet()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-        callbacks=[BatchMixingCheck(every_n_steps=2)],
-    )
+    trainer = ddp_trainer(out, [BatchMixingCheck(every_n_steps=2)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GradientAuditWarning)
         trainer.fit(module, zoo.regression_data(n=32))
     audit = [str(w.message) for w in caught if issubclass(w.category, GradientAuditWarning)]
     Path(out, f"warnings_rank{trainer.global_rank}.json").write_text(json.dumps(audit))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

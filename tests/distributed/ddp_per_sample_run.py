@@ -11,13 +11,13 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from grad_callbacks import PerSampleGradientCheck
 from tests import zoo
+from tests.distributed.ddp import close_process_group, ddp_trainer
 
 warnings.filterwarnings("ignore")
 
@@ -32,23 +32,12 @@ class DoublingOnRank1(zoo.MLP):
 def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-        accumulate_grad_batches=2,
-        callbacks=[PerSampleGradientCheck(every_n_steps=1, on_finding="log")],
+    trainer = ddp_trainer(
+        out, [PerSampleGradientCheck(every_n_steps=1, on_finding="log")], accumulate_grad_batches=2
     )
     module = zoo.MLP() if mode == "clean" else DoublingOnRank1()
     trainer.fit(module, zoo.regression_data(n=64, batch_size=8))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import sys
 import warnings
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
@@ -23,6 +22,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from tests import zoo_issue4
+from tests.distributed.ddp import close_process_group, ddp_trainer
 
 warnings.filterwarnings("ignore")
 
@@ -52,23 +52,15 @@ class UnusedHeadNaNOnRank1(zoo_issue4.NaNFeature):
 def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
+    trainer = ddp_trainer(
+        out,
+        [GradientSanityCheck(on_finding="log", patience=2)],
         strategy=DDPStrategy(find_unused_parameters=True),
-        max_epochs=1,
         limit_train_batches=BATCHES,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-        callbacks=[GradientSanityCheck(on_finding="log", patience=2)],
     )
     data = zoo_issue4.data_with_bad_sample(index=None, n=32)
     trainer.fit(UnusedHeadNaNOnRank1(broken=mode == "broken"), data)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ import sys
 import warnings
 from typing import Any
 
-import lightning as L
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
 from grad_callbacks import GradientAudit
 from tests import zoo
+from tests.distributed.ddp import close_process_group, ddp_trainer
 
 warnings.filterwarnings("ignore")
 
@@ -35,22 +35,11 @@ class ForgetsZeroGradOnRank1(zoo.MLP):
 def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-        accumulate_grad_batches=2,
-        callbacks=[GradientAudit(on_finding="log")],
+    trainer = ddp_trainer(
+        out, [GradientAudit(on_finding="log")], max_epochs=2, accumulate_grad_batches=2
     )
     trainer.fit(ForgetsZeroGradOnRank1(broken=mode == "broken"), zoo.regression_data(n=32))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

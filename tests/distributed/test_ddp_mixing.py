@@ -4,29 +4,19 @@ reported once, on rank 0; a clean model with train-mode BatchNorm stays silent."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.ddp import run_ddp_script
+
 SCRIPT = Path(__file__).with_name("ddp_mixing_run.py")
-ROOT = SCRIPT.parents[2]
 
 
 def _run(out: Path, mode: str) -> tuple[dict, dict[int, list[str]]]:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), mode],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = list(out.rglob("grad_audit.json"))
-    assert len(reports) == 1, f"one report, written once by rank 0: {reports}"
+    report = run_ddp_script(SCRIPT, out, mode)
     warned = {r: json.loads((out / f"warnings_rank{r}.json").read_text()) for r in (0, 1)}
-    return json.loads(reports[0].read_text()), warned
+    return report, warned
 
 
 @pytest.mark.slow

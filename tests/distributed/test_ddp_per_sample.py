@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_ddp_zero_grad import run_ddp_script
+from tests.distributed.ddp import run_ddp_script
 
 SCRIPT = Path(__file__).with_name("ddp_per_sample_run.py")
 

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.ddp import run_ddp_script
+
 SCRIPT = Path(__file__).with_name("ddp_sanity_run.py")
-ROOT = SCRIPT.parents[2]
-
-
-def _run(out: Path, mode: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), mode],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = list(out.rglob("grad_audit.json"))
-    assert len(reports) == 1, f"one report, written once by rank 0: {reports}"
-    return json.loads(reports[0].read_text())
 
 
 @pytest.mark.slow
 def test_ddp_unused_parameters_and_a_nan_on_rank_1(tmp_path: Path) -> None:
-    report = _run(tmp_path, "broken")
+    report = run_ddp_script(SCRIPT, tmp_path, "broken")
     assert report["world_size"] == 2 and report["status"] == "finished"
     by_code = {f["code"]: f for f in report["findings"]}
     assert set(by_code) == {"missing-grad", "nonfinite-grad"}
@@ -50,7 +34,7 @@ def test_ddp_unused_parameters_and_a_nan_on_rank_1(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_clean_run_is_silent(tmp_path: Path) -> None:
-    report = _run(tmp_path, "clean")
+    report = run_ddp_script(SCRIPT, tmp_path, "clean")
     assert report["world_size"] == 2
     assert report["findings"] == []
     assert report["checks"][0]["steps_checked"] == 3

@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.ddp import run_ddp_script
+
 SCRIPT = Path(__file__).with_name("ddp_zero_grad_run.py")
-ROOT = SCRIPT.parents[2]
-
-
-def run_ddp_script(script: Path, out: Path, mode: str) -> dict:
-    """Run a 2-process DDP script; return the one report rank 0 wrote under ``out``."""
-    proc = subprocess.run(
-        [sys.executable, str(script), str(out), mode],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = list(out.rglob("grad_audit.json"))
-    assert len(reports) == 1, f"one report, written once by rank 0: {reports}"
-    return json.loads(reports[0].read_text())
 
 
 @pytest.mark.slow
