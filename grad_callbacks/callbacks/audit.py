@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
+from grad_callbacks.core.budget import OverheadBudget
 from grad_callbacks.findings import Finding
 
 #: The checks ``GradientAudit()`` runs by default, in order.
@@ -45,13 +47,18 @@ _BASE_HOOKS = {
     "on_fit_end",
     "on_exception",
 }
+# Hooks GradientAudit defines itself (they time the batch around the checks' own hooks).
+_TIMING_HOOKS = {"on_train_batch_start", "on_train_batch_end"}
 _HOOKS = sorted(
     name
     for name in vars(pl.Callback)
     if (name.startswith("on_") or name in ("setup", "teardown"))
-    and name not in ("on_save_checkpoint", "on_load_checkpoint")
+    and name not in ("on_save_checkpoint", "on_load_checkpoint", *_TIMING_HOOKS)
     and callable(getattr(pl.Callback, name))
 )
+
+#: Share of the overhead budget given to each expensive periodic check.
+BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.7}
 
 
 class GradientAudit(AuditCallback):
@@ -62,6 +69,10 @@ class GradientAudit(AuditCallback):
             default: every check of :data:`DEFAULT_CHECKS`.
         every_n_steps: passed to the checks built here; None keeps each check's own schedule.
         on_finding: passed to the checks built here.
+        max_overhead: the share of training wall time the checks may take (default 3%). The
+            expensive periodic checks run at the first step and then as often as their share
+            of it allows, never more often than their ``every_n_steps``; None turns the budget
+            off (plain ``every_n_steps`` schedules). The report states the measured overhead.
     """
 
     check_name = "GradientAudit"
@@ -73,8 +84,12 @@ class GradientAudit(AuditCallback):
         *,
         every_n_steps: int | None = None,
         on_finding: OnFinding = "warn",
+        max_overhead: float | None = 0.03,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps or 1, on_finding=on_finding)
+        self.max_overhead = max_overhead
+        self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
+        self._batch_started: tuple[float, float] | None = None
         self._every_n_steps_given = every_n_steps
         common: dict[str, Any] = {"on_finding": on_finding}
         if every_n_steps is not None:
@@ -86,6 +101,8 @@ class GradientAudit(AuditCallback):
             if not isinstance(check, AuditCallback):
                 raise TypeError(f"GradientAudit takes audit checks, got {check!r}")
             check._owner = self
+            if self.budget is not None and check.check_name in BUDGET_SHARES:
+                check.budget, check.budget_share = self.budget, BUDGET_SHARES[check.check_name]
             built.append(check)
         self.checks: list[AuditCallback] = built
 
@@ -109,7 +126,39 @@ class GradientAudit(AuditCallback):
         return {
             "every_n_steps": self._every_n_steps_given,
             "on_finding": self.on_finding,
+            "max_overhead": self.max_overhead,
             "checks": [c.check_name for c in self.checks],
+        }
+
+    def _checks_seconds(self) -> float:
+        return sum(check.seconds_spent for check in self.checks)
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._batch_started = (time.perf_counter(), self._checks_seconds())
+        for check in self.checks:
+            check.on_train_batch_start(*args, **kwargs)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        for check in self.checks:
+            check.on_train_batch_end(*args, **kwargs)
+        AuditCallback.on_train_batch_end(self, *args, **kwargs)
+        if self.budget is not None and self._batch_started is not None:
+            started, checks_before = self._batch_started
+            checks = self._checks_seconds() - checks_before
+            self.budget.record_step(time.perf_counter() - started - checks, checks)
+            self._batch_started = None
+
+    def report_extras(self) -> dict[str, Any]:
+        if self.budget is None:
+            return {}
+        return {
+            "overhead": {
+                "max_overhead": self.max_overhead,
+                "measured": round(self.budget.overhead, 6),
+                "check_seconds": round(self.budget.check_seconds, 6),
+                "train_seconds": round(self.budget.train_seconds, 6),
+                "steps": self.budget.steps,
+            }
         }
 
     def _gather(self, trainer: pl.Trainer) -> None:

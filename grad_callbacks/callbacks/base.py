@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 
+from grad_callbacks.core.budget import OverheadBudget
 from grad_callbacks.findings import (
     SEVERITY_RANK,
     Finding,
@@ -71,6 +72,9 @@ class AuditCallback(pl.Callback):
         self._trainer: pl.Trainer | None = None
         self._is_leader = False
         self._owner: AuditCallback | None = None
+        #: Set by GradientAudit: the shared overhead budget, and this check's share of it.
+        self.budget: OverheadBudget | None = None
+        self.budget_share = 0.0
 
     # ------------------------------------------------------------------ identity and state
     def settings(self) -> dict[str, Any]:
@@ -311,7 +315,12 @@ class AuditCallback(pl.Callback):
             world_size=trainer.world_size,
             error=error,
         )
+        report.update(self.report_extras())
         write_report(run_log_dir(trainer), report)
+
+    def report_extras(self) -> dict[str, Any]:
+        """Top-level fields the leader adds to the report."""
+        return {}
 
     def report_entry(self) -> dict[str, Any]:
         """This check's section of the report."""

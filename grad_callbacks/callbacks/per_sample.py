@@ -214,6 +214,7 @@ class PerSampleGradientCheck(AuditCallback):
         self._window: list[_MicroBatch] = []
         self._window_step: int | None = None
         self._done_steps: set[int] = set()
+        self._next_due = 0
         self.last_stats: PerSampleStats | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -236,8 +237,21 @@ class PerSampleGradientCheck(AuditCallback):
 
     # ------------------------------------------------------------------ schedule
     def is_scheduled(self, step: int) -> bool:
-        """Whether optimizer step ``step`` is checked."""
-        return step % self.every_n_steps == 0
+        """Whether optimizer step ``step`` is checked: the first step, then every
+        ``every_n_steps`` steps, or further apart when an overhead budget asks for it."""
+        return step >= self._next_due
+
+    def _plan_next_run(self, trainer: pl.Trainer, step: int, run_seconds: float) -> None:
+        interval = self.every_n_steps
+        if self.budget is not None:
+            interval = max(interval, self.budget.interval(run_seconds, self.budget_share))
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank runs on the same steps (the grad-mismatch collective needs it), so the
+            # ranks agree on the longest of their intervals.
+            agreed = torch.tensor([float(interval)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+            interval = int(agreed.item())
+        self._next_due = step + interval
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -261,16 +275,17 @@ class PerSampleGradientCheck(AuditCallback):
             return
         window, self._window, self._window_step = self._window, [], None
         self._done_steps = {step}
+        spent_before = self.seconds_spent
         with self.timed():
             self.steps_checked += 1
             raw = getattr(optimizer, "_optimizer", optimizer)
             params = self._params_of(pl_module, raw)
-            if not params:
-                return
-            with self.guarded("the per-sample comparison"):
-                self._compare_per_sample(pl_module, window[-1], params)
-            if self.check_optimizer_grad:
-                self._check_optimizer_grad(trainer, pl_module, raw, window, params)
+            if params:
+                with self.guarded("the per-sample comparison"):
+                    self._compare_per_sample(pl_module, window[-1], params)
+                if self.check_optimizer_grad:
+                    self._check_optimizer_grad(trainer, pl_module, raw, window, params)
+        self._plan_next_run(trainer, step, self.seconds_spent - spent_before)
 
     # ------------------------------------------------------------------ losses
     def _training_loss(self, batch_idx: int) -> Callable[[nn.Module, Any], Tensor]:

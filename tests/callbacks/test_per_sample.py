@@ -243,3 +243,28 @@ def test_per_sample_loss_tells_the_batch_size_of_an_odd_batch() -> None:
     zoo.fit(DictBatch(), [check], data=zoo.DataLoader([batch, batch], batch_size=None))
     assert check.findings == []
     assert check.last_stats is not None and check.last_stats.n == 8
+
+
+def test_budget_spaces_the_check_by_its_measured_cost() -> None:
+    from grad_callbacks import GradientAudit
+
+    audit = GradientAudit(checks=[PerSampleGradientCheck(every_n_steps=1, on_finding="log")],
+                          max_overhead=0.03)
+    (check,) = audit.checks
+    assert check.budget is audit.budget and check.budget_share > 0
+    zoo.fit(zoo.SummedLoss(), [audit], data=zoo.regression_data(n=400, batch_size=8))
+    # Step 0 always; step 1 (no step time known yet after step 0, and every_n_steps=1); then a
+    # run costs more than a training step, so at 70% of 3% the next one is far beyond 50 steps.
+    assert check.steps_checked == 2
+    assert check._next_due > 50
+    assert audit.budget is not None and audit.budget.steps == 50
+    assert {f.code for f in check.findings} == {"reduction-sum"}
+
+
+def test_without_budget_every_n_steps_rules() -> None:
+    from grad_callbacks import GradientAudit
+
+    audit = GradientAudit(checks=[PerSampleGradientCheck(every_n_steps=5, on_finding="log")],
+                          max_overhead=None)
+    zoo.fit(zoo.MLP(), [audit], data=zoo.regression_data(n=160, batch_size=8))
+    assert audit.checks[0].steps_checked == 4  # steps 0, 5, 10, 15 of 20

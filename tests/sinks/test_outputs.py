@@ -80,6 +80,11 @@ def test_report_written_at_fit_end(broken_run: Any) -> None:
     assert per_sample["settings"]["every_n_steps"] == 100
     assert [f["code"] for f in report["findings"]][:2] == ["missing-zero-grad", "check-skipped"]
     assert report["findings"][0] == audit.findings[0].to_dict()
+    overhead = report["overhead"]
+    assert overhead["max_overhead"] == 0.03 and overhead["steps"] == 7
+    assert overhead["measured"] == pytest.approx(
+        overhead["check_seconds"] / overhead["train_seconds"], rel=1e-3
+    )
 
 
 def test_report_written_when_fit_raises(tmp_path: Path) -> None:
