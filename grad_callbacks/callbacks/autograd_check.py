@@ -101,6 +101,9 @@ class AutogradCheck(AuditCallback):
     Args:
         modules: names of submodules (as in ``named_modules()``) to check as a whole, with
             their trainable parameters and floating inputs.
+        exclude: names of custom Functions (class name or qualified name) whose backward is
+            meant to differ from the forward's derivative (straight-through estimators,
+            gradient reversal): they are not checked.
         max_samples: how many samples of the batch the recomputation uses.
         max_entries: the budget of input (and of output) entries compared per check.
         atol: absolute tolerance.
@@ -122,6 +125,7 @@ class AutogradCheck(AuditCallback):
         self,
         modules: Sequence[str] = (),
         *,
+        exclude: Sequence[str] = (),
         max_samples: int = 2,
         max_entries: int = 256,
         atol: float = 1e-5,
@@ -136,6 +140,7 @@ class AutogradCheck(AuditCallback):
         if max_samples < 1 or max_entries < 1:
             raise ValueError("max_samples and max_entries must be positive")
         self.modules = list(modules)
+        self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
         self.max_samples = max_samples
         self.tolerance = Tolerance(atol=atol, rtol=rtol, eps=eps, max_entries=max_entries)
         self._requested = False
@@ -149,11 +154,16 @@ class AutogradCheck(AuditCallback):
         self.recomputations = 0
         self.checks_run = 0
 
+    def scalar_charts(self) -> dict[str, list[str]]:
+        """None: the check logs no scalars (its findings say everything)."""
+        return {}
+
     def settings(self) -> dict[str, Any]:
         tol = self.tolerance
         return {
             **super().settings(),
             "modules": list(self.modules),
+            "exclude": list(self.exclude),
             "max_samples": self.max_samples,
             "max_entries": tol.max_entries,
             "atol": tol.atol,
@@ -187,7 +197,8 @@ class AutogradCheck(AuditCallback):
         with self.timed(), self.guarded("walking the loss graph"):
             self.graph_walks += 1
             for cls in find_custom_functions(loss.grad_fn):
-                if cls not in self._functions:
+                excluded = {cls.__name__, function_name(cls)} & set(self.exclude)
+                if cls not in self._functions and not excluded:
                     self._functions.append(cls)
 
     def on_train_batch_end(
@@ -321,6 +332,7 @@ class AutogradCheck(AuditCallback):
                     "mismatched": outcome.mismatched,
                     "checked": outcome.checked,
                     "nondifferentiable": outcome.nondifferentiable,
+                    "constant_inputs": outcome.constant_inputs,
                     **tol,
                 },
             )

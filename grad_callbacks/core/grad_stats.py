@@ -75,15 +75,20 @@ def l1_norms(grads: Sequence[Tensor]) -> list[Tensor]:
     """Each gradient's L1 norm as a 0-d device tensor, without host synchronisation.
 
     One ``torch._foreach_norm`` call (two when 16-bit gradients, summed in float32, are mixed
-    with others). 0 means all zeros; NaN and Inf propagate. Empty tensors give 0.
+    with others; sparse gradients are summed one by one). 0 means all zeros; NaN and Inf
+    propagate. Empty tensors give 0.
 
     Example:
         >>> [float(n) for n in l1_norms([torch.tensor([1.0, -3.0]), torch.zeros(2)])]
         [4.0, 0.0]
     """
     out: list[Tensor | None] = [None] * len(grads)
-    low = [i for i, g in enumerate(grads) if g.dtype in _LOW_PRECISION]
-    rest = [i for i, g in enumerate(grads) if g.dtype not in _LOW_PRECISION]
+    dense = [i for i, g in enumerate(grads) if not g.is_sparse]
+    low = [i for i in dense if grads[i].dtype in _LOW_PRECISION]
+    rest = [i for i in dense if grads[i].dtype not in _LOW_PRECISION]
+    for i, g in enumerate(grads):
+        if g.is_sparse:  # nn.Embedding(sparse=True): _foreach_norm takes dense tensors only
+            out[i] = g.coalesce().values().abs().sum(dtype=torch.float32)
     if low:
         norms = torch._foreach_norm([grads[i] for i in low], 1, dtype=torch.float32)
         for i, n in zip(low, norms, strict=True):

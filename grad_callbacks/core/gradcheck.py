@@ -227,6 +227,9 @@ class Outcome:
         mismatched: how many checked entries are outside the tolerance.
         checked: how many entries were checked.
         nondifferentiable: entries left out because the function has a kink there.
+        constant_inputs: floating inputs left out because the backward returns None for them
+            (declared constant: masks, fixed weights; a backward that wrongly drops a needed
+            gradient this way is not caught).
         settings: the tolerances used.
     """
 
@@ -236,6 +239,7 @@ class Outcome:
     mismatched: int = 0
     checked: int = 0
     nondifferentiable: int = 0
+    constant_inputs: int = 0
     settings: dict[str, float] = field(default_factory=dict)
 
 
@@ -357,10 +361,15 @@ def _compare(
 
     # Analytic rows: one backward pass (the custom backward) per chosen output entry.
     analytic = []
+    # Inputs whose backward gives None for every output entry are declared constant by the
+    # Function (a mask, a weight it is not meant to train): their columns are not compared.
+    declared_constant = [True] * len(leaves)
     for k, chosen in zip(keep, out_idx, strict=True):
         flat = outputs[k].reshape(-1)
         for i in chosen:
             grads = torch.autograd.grad(flat[i], leaves, retain_graph=True, allow_unused=True)
+            for a, g in enumerate(grads):
+                declared_constant[a] = declared_constant[a] and g is None
             analytic.append(
                 torch.cat(
                     [
@@ -413,10 +422,12 @@ def _compare(
     err = (a_mat - n_mat).abs()
     allowed = tol.atol + tol.rtol * n_mat.abs()
     bad = ~(err <= allowed)  # a NaN in the analytic Jacobian counts as a mismatch
+    constant = torch.tensor([declared_constant[a] for a, _ in coords]).expand_as(bad)
+    bad &= ~constant
     kinks = _kinks(bad, allowed, coords, shifted, evaluate, tol.eps)
     bad &= ~kinks
     ratio = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err / allowed)
-    ratio = torch.where(kinks, torch.zeros_like(ratio), ratio)
+    ratio = torch.where(kinks | constant, torch.zeros_like(ratio), ratio)
     r, c = divmod(int(torch.argmax(ratio)), ratio.shape[1])
     worst = Entry(
         input=cols[c][0],
@@ -431,8 +442,9 @@ def _compare(
         "mismatch" if mismatched else "ok",
         worst=worst,
         mismatched=mismatched,
-        checked=int(bad.numel()) - int(kinks.sum()),
+        checked=int(bad.numel()) - int(kinks.sum()) - int(constant.sum()),
         nondifferentiable=int(kinks.sum()),
+        constant_inputs=sum(declared_constant),
         settings=settings,
     )
 

@@ -433,3 +433,60 @@ def test_both_checks_in_a_gradient_audit_bundle() -> None:
     trainer = zoo.fit(FunctionNet(BadSquare), [audit])
     assert [f.code for f in audit.findings] == ["autograd-mismatch"]
     assert audit.checks[0].steps_checked == trainer.global_step
+
+
+class MaskedMul(torch.autograd.Function):
+    """Correct: the mask is a constant, so its gradient is None by design."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+class StraightThrough(torch.autograd.Function):
+    """A straight-through estimator: rounds forward, passes the gradient through unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class MaskNet(zoo.MLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = self.net[0](x)
+        mask = (x[:, :1] > 0).float().expand_as(h)
+        return torch.nn.functional.mse_loss(self.net[2](MaskedMul.apply(h, mask)), y)
+
+
+class STENet(zoo.MLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = StraightThrough.apply(torch.tanh(self.net[0](x)))
+        return torch.nn.functional.mse_loss(self.net[2](h), y)
+
+
+def test_a_float_mask_whose_gradient_is_none_by_design_is_no_false_alarm() -> None:
+    check = AutogradCheck(on_finding="log")
+    zoo.fit(MaskNet(), [check])
+    assert check.findings == []
+    assert check.checks_run >= 1
+
+
+def test_excluded_surrogate_gradient_is_not_checked_and_included_one_fires() -> None:
+    fired = AutogradCheck(on_finding="log")
+    zoo.fit(STENet(), [fired])
+    assert [f.code for f in fired.findings] == ["autograd-mismatch"]
+    quiet = AutogradCheck(exclude=["StraightThrough"], on_finding="log")
+    zoo.fit(STENet(), [quiet])
+    assert quiet.findings == []

@@ -330,3 +330,28 @@ def test_local_probe_adds_up_backward_passes_and_keeps_nan() -> None:
     (w * 3).sum().backward()
     assert torch.isnan(probe.take([w])).all()
     probe.remove()
+
+
+def test_sparse_embedding_gradients_are_checked_not_skipped() -> None:
+    from torch import nn as _nn
+
+    class SparseEmbedding(zoo.MLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = _nn.Embedding(10, 8, sparse=True)
+            self.unused = _nn.Linear(8, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            tokens = (x.abs() * 3).long().clamp(max=9)[:, 0]
+            return torch.nn.functional.mse_loss(self.net(x + self.emb(tokens)), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    check = GradientSanityCheck(on_finding="log", patience=2)
+    zoo.fit(SparseEmbedding(), [check])
+    codes = {f.code for f in check.findings}
+    assert "check-skipped" not in codes
+    (missing,) = [f for f in check.findings if f.code == "missing-grad"]
+    assert missing.params == ("unused.weight", "unused.bias")
