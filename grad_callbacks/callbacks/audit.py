@@ -60,6 +60,12 @@ _HOOKS = sorted(
 #: Share of the overhead budget given to each expensive periodic check.
 BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.7}
 
+#: Settings GradientAudit gives a check it builds when the user passes no every_n_steps.
+#: GradientSanityCheck reads its device accumulators every 50 steps instead of every step (the
+#: steps in its findings stay exact); not under on_finding="raise", which must stop training
+#: at the bad step.
+AUDIT_DEFAULTS: dict[str, dict[str, Any]] = {"GradientSanityCheck": {"every_n_steps": 50}}
+
 
 class GradientAudit(AuditCallback):
     """Runs several checks as one callback and writes one report for all of them.
@@ -97,7 +103,10 @@ class GradientAudit(AuditCallback):
         built: list[AuditCallback] = []
         for check in checks if checks is not None else DEFAULT_CHECKS:
             if isinstance(check, type) and issubclass(check, AuditCallback):
-                check = check(**common)
+                own = AUDIT_DEFAULTS.get(check.check_name, {})
+                if every_n_steps is not None or on_finding == "raise":
+                    own = {}
+                check = check(**{**own, **common})
             if not isinstance(check, AuditCallback):
                 raise TypeError(f"GradientAudit takes audit checks, got {check!r}")
             check._owner = self
