@@ -9,6 +9,7 @@ Example:
     BatchMixingCheck
     GradientSanityCheck
     AutogradCheck
+    GradientMonitor
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import lightning.pytorch as pl
 from grad_callbacks.callbacks.autograd_check import AutogradCheck
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
 from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
+from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
@@ -35,6 +37,7 @@ DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (
     BatchMixingCheck,
     GradientSanityCheck,
     AutogradCheck,
+    GradientMonitor,
 )
 
 # Hooks the base class implements itself: it runs them after the checks have run theirs.
