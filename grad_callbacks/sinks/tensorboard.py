@@ -61,9 +61,34 @@ def findings_markdown(findings: Iterable[Finding]) -> str:
     return head + "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
 
 
+def text_summary(tag: str, text: str) -> Any:
+    """A TensorBoard text summary under exactly ``tag``.
+
+    ``SummaryWriter.add_text`` appends ``/text_summary`` to the tag; the findings table lives
+    at :data:`FINDINGS_TAG` itself, so the summary is built here the way torch builds it.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.text.plugin_data_pb2 import TextPluginData
+
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name="text", content=TextPluginData(version=0).SerializeToString()
+        )
+    )
+    tensor = TensorProto(
+        dtype="DT_STRING",
+        string_val=[text.encode("utf-8")],
+        tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]),
+    )
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
+
+
 def write_findings_text(writer: Any, findings: Iterable[Finding], step: int) -> None:
     """Write the findings table at :data:`FINDINGS_TAG`."""
-    writer.add_text(FINDINGS_TAG, findings_markdown(findings), global_step=step)
+    summary = text_summary(FINDINGS_TAG, findings_markdown(findings))
+    writer._get_file_writer().add_summary(summary, step)
     writer.flush()
 
 
