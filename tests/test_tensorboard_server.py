@@ -1,0 +1,145 @@
+"""The audit as a real TensorBoard server shows it (scalars, custom-scalars layout, findings text).
+
+A broken run (manual optimization without ``opt.zero_grad()``) is trained with a
+``TensorBoardLogger``; then ``tensorboard`` is started on 127.0.0.1 and its HTTP data API is
+queried, as the web UI does:
+
+* ``/data/runs`` and ``/data/plugin/scalars/tags``: the run and its ``grad_audit/...`` scalars;
+* ``/data/plugin/custom_scalars/layout``: the "Gradient audit" category;
+* ``/data/plugin/text/text?run=RUN&tag=grad_audit/findings``: the findings table, under exactly
+  the tag the contract names (torch's ``add_text`` would have appended ``/text_summary``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from grad_callbacks import GradientAudit
+from tests import zoo
+
+pytest.importorskip("tensorboard")
+
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 60.0
+FINDINGS_TAG = "grad_audit/findings"
+SERVED_FINDINGS_TAGS = (FINDINGS_TAG,)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, route: str, **query: str) -> Any:
+    url = f"http://{HOST}:{port}{route}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200, (url, response.status)
+        return json.loads(response.read().decode("utf-8"))
+
+
+def _train_broken_run(logdir: Path) -> tuple[GradientAudit, str]:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    audit = GradientAudit(on_finding="log")
+    logger = TensorBoardLogger(str(logdir), name="broken", version="")
+    zoo.fit(zoo.ManualMLP(zero_grad=False), [audit], logger=logger, log_every_n_steps=1)
+    return audit, "broken"
+
+
+def _wait_until_loaded(
+    server: subprocess.Popen[bytes], port: int, run: str, stderr_path: Path
+) -> tuple[dict[str, Any], str]:
+    """Poll until the run's audit scalars and findings text are served.
+
+    Returns the scalar tags of every run and the tag the findings text is served under.
+    """
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last: object = None
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(
+                f"tensorboard exited with {server.returncode}:\n"
+                f"{stderr_path.read_text(errors='replace')[-4000:]}"
+            )
+        try:
+            scalar_tags = _get(port, "/data/plugin/scalars/tags")
+            text_tags = _get(port, "/data/plugin/text/tags")
+            served = [t for t in text_tags.get(run, []) if t in SERVED_FINDINGS_TAGS]
+            if any(t.startswith("grad_audit/") for t in scalar_tags.get(run, {})) and served:
+                return scalar_tags, served[0]
+            last = (scalar_tags, text_tags)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as exc:
+            last = exc
+        time.sleep(0.5)
+    pytest.fail(
+        f"tensorboard did not serve the run {run!r} within {READY_TIMEOUT_S:.0f} s "
+        f"(last answer: {last!r}); its stderr:\n"
+        f"{stderr_path.read_text(errors='replace')[-4000:]}"
+    )
+
+
+def test_tensorboard_serves_the_audit_of_a_broken_run(tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    audit, run = _train_broken_run(logdir)
+    assert "missing-zero-grad" in {f.code for f in audit.findings}
+
+    port = _free_port()
+    stderr_path = tmp_path / "tensorboard.stderr"
+    with open(stderr_path, "wb") as stderr:
+        server = subprocess.Popen(
+            [
+                sys.executable, "-m", "tensorboard.main",
+                "--logdir", str(logdir),
+                "--host", HOST,
+                "--port", str(port),
+                "--reload_interval", "1",
+                "--load_fast", "false",  # the Python data loader: no extra data server binary
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        scalar_tags, findings_tag = _wait_until_loaded(server, port, run, stderr_path)
+
+        # the routes the UI uses exist in this TensorBoard and list our run and plugins
+        plugins = _get(port, "/data/plugins_listing")
+        for plugin in ("scalars", "custom_scalars", "text"):
+            assert plugin in plugins, sorted(plugins)
+        assert run in _get(port, "/data/runs")
+
+        # scalars: the zero-grad check's metrics for the run
+        tags = sorted(scalar_tags[run])
+        assert any(t.startswith("grad_audit/zero_grad/") for t in tags), tags
+
+        # custom-scalars layout: the audit's category
+        layout = _get(port, "/data/plugin/custom_scalars/layout")
+        categories = {c["title"]: c for c in layout.get("category", [])}
+        assert "Gradient audit" in categories, layout
+        assert categories["Gradient audit"]["chart"], layout
+
+        # the findings table as text
+        entries = _get(port, "/data/plugin/text/text", run=run, tag=findings_tag)
+        assert entries, "no findings text"
+        assert any("missing-zero-grad" in e["text"] for e in entries), entries
+        assert all(isinstance(e["step"], int) for e in entries)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
