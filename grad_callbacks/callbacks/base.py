@@ -259,9 +259,19 @@ class AuditCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._gather(trainer)
 
+    def release(self) -> None:
+        """Drop the hooks and device buffers the check holds while training runs.
+
+        Called at the end of training, when fit ends by an exception, and at teardown.
+        """
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.release()
         self._gather(trainer)
         self._flush_scalars(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.release()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_leader:
@@ -270,6 +280,7 @@ class AuditCallback(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self.release()
         if self._is_leader:
             status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
             self._write_outputs(trainer, status=status, error=repr(exception))

@@ -145,21 +145,8 @@ class GradientMonitor(AuditCallback):
                 self._read(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release()
-        super().on_train_end(trainer, pl_module)
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self._release()
-        super().on_exception(trainer, pl_module, exception)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
-
     # ------------------------------------------------------------------ internals
-    def _release(self) -> None:
+    def release(self) -> None:
         for _, _, obs in self._pending:
             obs.release()
         self._pending = []

@@ -158,12 +158,9 @@ class GradientSanityCheck(AuditCallback):
         super().on_train_epoch_end(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        try:
-            with self.timed(), self.guarded("reading the gradient statistics"):
-                self._flush()
-        finally:
-            self._release()
-        super().on_train_end(trainer, pl_module)
+        with self.timed(), self.guarded("reading the gradient statistics"):
+            self._flush()
+        super().on_train_end(trainer, pl_module)  # releases, then gathers
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -172,12 +169,7 @@ class GradientSanityCheck(AuditCallback):
             self._flush()
         except Exception:  # training already failed; what was read is recorded
             pass
-        finally:
-            self._release()
-        super().on_exception(trainer, pl_module, exception)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
+        super().on_exception(trainer, pl_module, exception)  # releases, then writes
 
     # ------------------------------------------------------------------ internals
     def _build(self) -> None:
@@ -250,7 +242,7 @@ class GradientSanityCheck(AuditCallback):
         self._submit()
         self._poll(wait=True)
 
-    def _release(self) -> None:
+    def release(self) -> None:
         if self._probe is not None:
             self._probe.remove()
             self._probe = None

@@ -92,20 +92,7 @@ class ZeroGradCheck(AuditCallback):
                 self._ledger.audit_step(index)
                 return
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release()
-        super().on_train_end(trainer, pl_module)
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self._release()
-        super().on_exception(trainer, pl_module, exception)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
-
-    def _release(self) -> None:
+    def release(self) -> None:
         if self._ledger is not None:
             self._steps_taken = list(self._ledger.steps_taken)
             self._ledger.detach()
