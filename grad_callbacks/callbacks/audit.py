@@ -159,6 +159,12 @@ class GradientAudit(AuditCallback):
             checks = self._checks_seconds() - checks_before
             self.budget.record_step(time.perf_counter() - started - checks, checks)
             self._batch_started = None
+            if self.wants_scalars():
+                self.queue_scalars({"overhead": self.budget.overhead})
+
+    def scalar_charts(self) -> dict[str, list[str]]:
+        """The measured overhead, when there is a budget (the checks bring their own charts)."""
+        return {"Audit overhead": ["grad_audit/audit/overhead"]} if self.budget else {}
 
     def report_extras(self) -> dict[str, Any]:
         if self.budget is None:

@@ -239,7 +239,7 @@ class AuditCallback(pl.Callback):
             writer = tb.tensorboard_writer(trainer)
             if writer is not None:
                 charts: dict[str, list[str]] = {}
-                for check in audit_callbacks(trainer):
+                for check in [*audit_callbacks(trainer), self]:
                     charts.update(check.scalar_charts())
                 tb.write_layout(writer, charts)
 

@@ -40,6 +40,8 @@ def test_scalars_are_stamped_with_the_step_of_the_finding(broken_run: Any) -> No
     assert uncleared[finding.step] == 4.0  # all 4 parameters at the first broken step
     assert set(uncleared) == set(range(7))
     assert "grad_audit/zero_grad/microbatches" in acc.Tags()["scalars"]
+    overhead = [e.value for e in acc.Scalars("grad_audit/audit/overhead")]
+    assert overhead and all(v >= 0 for v in overhead)
 
 
 def test_findings_text_table(broken_run: Any) -> None:
@@ -62,8 +64,9 @@ def test_custom_scalars_layout(broken_run: Any) -> None:
     assert charts["ZeroGradCheck"] == ["grad_audit/zero_grad/.*"]
     assert charts["PerSampleGradientCheck"] == ["grad_audit/per_sample/.*"]
     # the charts of every check that logs scalars (AutogradCheck logs none: no empty chart)
-    expected = {title for c in audit.checks for title in c.scalar_charts()}
+    expected = {title for c in [*audit.checks, audit] for title in c.scalar_charts()}
     assert set(charts) == expected
+    assert charts["Audit overhead"] == ["grad_audit/audit/overhead"]
     assert "AutogradCheck" not in charts and "Gradient norms" in charts
 
 
