@@ -200,6 +200,8 @@ class GAN(L.LightningModule):
         * ``"toggle"``: Lightning's recipe with ``toggle_optimizer`` (clean);
         * ``"zero_first"``: no toggling, each optimizer clears its gradients before its own
           backward pass (clean);
+        * ``"alternate"``: the discriminator steps on even batches, the generator on odd ones
+          (clean);
         * ``"leak"``: the generator step runs first and the discriminator's gradients are only
           cleared after its step, so the generator loss's gradient reaches the discriminator's
           step (broken: ``gradient-leak``).
@@ -247,6 +249,17 @@ class GAN(L.LightningModule):
             opt_d.zero_grad()
             self.manual_backward(d_loss)
             opt_d.step()
+        elif self.mode == "alternate":
+            # the discriminator steps on even batches, the generator on odd ones
+            g_loss, d_loss = self._losses(real)
+            opt, loss = (opt_d, d_loss) if batch_idx % 2 == 0 else (opt_g, g_loss)
+            other = opt_g if opt is opt_d else opt_d
+            self.toggle_optimizer(opt)
+            self.manual_backward(loss)
+            opt.step()
+            opt.zero_grad()
+            other.zero_grad()
+            self.untoggle_optimizer(opt)
         else:  # leak
             g_loss, d_loss = self._losses(real)
             opt_g.zero_grad()

@@ -59,7 +59,9 @@ class _SaveAt(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def _resume(module: L.LightningModule, path: Path, **kwargs: Any) -> GradientAudit:
+def _resume(
+    module: L.LightningModule, path: Path, data: Any = None, **kwargs: Any
+) -> GradientAudit:
     audit = GradientAudit(on_finding="log")
     trainer = L.Trainer(
         max_epochs=2,
@@ -70,7 +72,7 @@ def _resume(module: L.LightningModule, path: Path, **kwargs: Any) -> GradientAud
         enable_model_summary=False,
         **kwargs,
     )
-    trainer.fit(module, zoo.regression_data(), ckpt_path=path)
+    trainer.fit(module, data if data is not None else zoo.regression_data(), ckpt_path=path)
     return audit
 
 
@@ -98,3 +100,14 @@ def test_findings_before_resume_are_kept(tmp_path: Path) -> None:
     (finding,) = [f for f in resumed.findings if f.severity != "info"]
     assert finding.code == "missing-zero-grad"
     assert finding.step == 1 and finding.count == 4  # kept, and nothing new after the fix
+
+
+def test_resume_between_the_two_steps_of_an_alternating_gan(tmp_path: Path) -> None:
+    ckpt = tmp_path / "gan.ckpt"
+    first = GradientAudit(on_finding="log")
+    # batch 2 stepped the discriminator; the generator's step comes after the resume
+    zoo.fit(zoo.GAN("alternate"), [first, _SaveAt(2, ckpt)], data=zoo.gan_data())
+    assert [f for f in first.findings if f.severity != "info"] == []
+    resumed = _resume(zoo.GAN("alternate"), ckpt, data=zoo.gan_data())
+    assert resumed.checks[0].steps_checked > 0
+    assert [f for f in resumed.findings if f.severity != "info"] == []
