@@ -147,7 +147,9 @@ def make_opacus() -> Callable[[nn.Module, Batch], Grads] | str:
         return "opacus not installed"
 
     def run(model: nn.Module, batch: Batch) -> Grads:
-        gsm = GradSampleModule(copy.deepcopy(model))
+        # Opacus records activations in train mode only; the models here have no dropout or
+        # BatchNorm, so train mode computes the same function.
+        gsm = GradSampleModule(copy.deepcopy(model).train(), loss_reduction="sum")
         F.cross_entropy(gsm(batch[0]), batch[1], reduction="sum").backward()
         out = {k: p.grad_sample.mean(0) for k, p in gsm.named_parameters()}  # type: ignore[union-attr]
         gsm._close()
