@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from grad_callbacks.callbacks.monitor import GradientMonitor
@@ -62,27 +62,6 @@ class Oracle(L.Callback):
                 )
             self.ratios[step] = ratios
         self.before = {}
-
-
-class Recorder(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.setdefault(int(step or 0), {}).update(metrics)
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
 
 def _events(log_dir: str) -> EventAccumulator:
     acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0})
@@ -185,7 +164,7 @@ def test_nothing_happens_on_other_steps(monkeypatch: pytest.MonkeyPatch) -> None
         return real(*args, **kwargs)
 
     monkeypatch.setattr(monitor_module, "observe", spy)
-    logger = Recorder()
+    logger = zoo.RecordingLogger()
     zoo.fit(zoo.MLP(), [GradientMonitor(every_n_steps=4)], logger=logger, log_every_n_steps=1)
     assert len(seen) == 2  # steps 0 and 4 of 7
     steps = sorted(s for s, m in logger.metrics.items() if any(k.startswith(PREFIX) for k in m))
@@ -206,7 +185,7 @@ def test_bitwise_non_invasive_and_matches_oracle(kwargs: dict[str, Any]) -> None
         L.seed_everything(0, verbose=False)
         module = zoo.MLP("adam")
         oracle = Oracle()
-        logger = Recorder()
+        logger = zoo.RecordingLogger()
         callbacks = [oracle, GradientMonitor(every_n_steps=1)] if attach else [oracle]
         zoo.fit(module, callbacks, logger=logger, log_every_n_steps=1, **kwargs)
         results.append((zoo.params_of(module), oracle, logger))
@@ -228,7 +207,7 @@ def test_bitwise_non_invasive_and_matches_oracle(kwargs: dict[str, Any]) -> None
 
 
 def test_manual_optimization_with_two_optimizers() -> None:
-    logger = Recorder()
+    logger = zoo.RecordingLogger()
     monitor = GradientMonitor(every_n_steps=1, on_finding="raise")
     L.seed_everything(0, verbose=False)
     module = zoo.GAN("toggle")
@@ -251,7 +230,7 @@ def test_manual_optimization_with_two_optimizers() -> None:
 
 
 def test_per_parameter_tags() -> None:
-    logger = Recorder()
+    logger = zoo.RecordingLogger()
     zoo.fit(
         zoo.MLP(),
         [GradientMonitor(every_n_steps=2, per_parameter=True)],

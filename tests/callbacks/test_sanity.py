@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins import MixedPrecision
 
 from grad_callbacks import Finding, GradientAuditError, GradientAuditWarning
@@ -221,29 +220,8 @@ def test_long_schedules_still_read_every_64_steps(monkeypatch: pytest.MonkeyPatc
     (finding,) = check.findings
     assert (finding.code, finding.step) == ("missing-grad", 2)
 
-
-class _Recorder(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.setdefault(int(step or 0), {}).update(metrics)
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def test_scalars_follow_the_log_cadence() -> None:
-    logger = _Recorder()
+    logger = zoo.RecordingLogger()
     check = GradientSanityCheck(on_finding="log")
     zoo.fit(z4.DetachedBranch(), [check], logger=logger, log_every_n_steps=2)
     missing = {
