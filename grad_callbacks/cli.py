@@ -145,8 +145,12 @@ def _params_cell(params: Sequence[str]) -> str:
     return shown + (f" +{extra} more" if extra > 0 else "")
 
 
-def _fix(code: str) -> str:
-    info = CODES.get(code)
+def _fix(finding: Finding) -> str:
+    """The fix column: the code's usual fix; for a skipped check, why it skipped."""
+    reason = finding.data.get("reason") if finding.code == "check-skipped" else None
+    if isinstance(reason, str) and reason:
+        return reason
+    info = CODES.get(finding.code)
     return info.fix if info is not None else "(unknown code: see the finding's message)"
 
 
@@ -229,7 +233,7 @@ def _findings_table(findings: Sequence[Finding]) -> Any:
             Text(str(f.step)),
             Text(str(f.count)),
             Text(_params_cell(f.params)),
-            Text(_fix(f.code)),
+            Text(_fix(f)),
         )
     return table
 
@@ -252,7 +256,7 @@ def _print_stacked(console: Any, findings: Sequence[Finding]) -> None:
             ("first step", str(f.step)),
             ("count", str(f.count)),
             ("parameters", _params_cell(f.params) or "-"),
-            ("fix", _fix(f.code)),
+            ("fix", _fix(f)),
         ):
             grid.add_row(Text(label + ":"), Text(value))
         console.print(Padding(grid, (0, 0, 0, 2), expand=False))
@@ -320,7 +324,7 @@ def render_markdown(runs: Sequence[Run], stream: TextIO, verbose: bool = False) 
             for f in _sorted(run.findings):
                 out.append(
                     f"| {_md_cell(f.check)} | `{f.code}` | {f.severity} | {f.step} | {f.count} "
-                    f"| {_md_cell(_params_cell(f.params))} | {_md_cell(_fix(f.code))} |"
+                    f"| {_md_cell(_params_cell(f.params))} | {_md_cell(_fix(f))} |"
                 )
             if verbose:
                 out.append("")

@@ -405,3 +405,30 @@ def test_figure_with_many_tags_uses_columns_and_says_what_it_left_out() -> None:
     assert 1 < len(columns) <= MAX_COLUMNS
     assert "30 more tags not shown" in fig.get_suptitle()
     assert visible[0].get_title(loc="left") == "monitor/layer000"
+
+
+def test_skipped_check_shows_its_reason_in_the_fix_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grad_callbacks.sinks.report import build_report, write_report
+
+    skipped = make_finding(
+        "check-skipped",
+        check="BatchMixingCheck",
+        step=0,
+        message="m",
+        data={"reason": "no input found; pass input_mapping=..."},
+    )
+    entry = {
+        "name": "BatchMixingCheck",
+        "state_key": "k",
+        "settings": {},
+        "steps_checked": 1,
+        "seconds": 0.0,
+        "findings": [skipped.to_dict()],
+    }
+    write_report(tmp_path, build_report([entry], status="finished", global_step=1))
+    code, out, _ = _run(capsys, "report", tmp_path, "--format", "md")
+    assert code == 0
+    assert "pass input_mapping=..." in out
+    assert CODES["check-skipped"].fix not in out
