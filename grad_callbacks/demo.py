@@ -47,6 +47,11 @@ class ManualRegressor(L.LightningModule):
         opt.step()
         self.log("train_loss", loss, prog_bar=False)
 
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        """The loss of every sample: lets PerSampleGradientCheck run in manual optimization."""
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y, reduction="none").mean(dim=1)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
@@ -65,6 +70,10 @@ class RingGAN(L.LightningModule):
         self.leak = leak
         self.generator = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
         self.discriminator = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """The discriminator's score of each point."""
+        return self.discriminator(points)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         (real,) = batch
