@@ -3,8 +3,8 @@
 Hypothesis builds nested batches (dicts, lists, tuples, namedtuples, dataclasses) of float,
 half, integer and bool tensors, strings, None, per-sample lists of strings and tensors without
 a batch dimension, at batch sizes 0, 1, 2 and 5. A clean model trains on each with every check
-attached: fit must finish, and nothing but info findings (``check-skipped`` and the like) may
-appear.
+attached: fit must finish with as many steps as without the audit, and nothing but info findings
+(``check-skipped`` and the like) may appear.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ class Tolerant(L.LightningModule):
 @settings(
     max_examples=40,
     deadline=None,
+    derandomize=True,  # the same examples on every run: CI must not depend on the draw
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(data=st.data(), b=st.sampled_from([0, 1, 2, 5]))
@@ -109,8 +110,10 @@ def test_any_batch_structure_trains_with_the_audit_and_raises_no_alarm(
     data: st.DataObject, b: int
 ) -> None:
     batch = data.draw(_batches(b))
+    without = zoo.fit(Tolerant(), [], data=DataLoader([batch, batch], batch_size=None))
     audit = GradientAudit(every_n_steps=1, on_finding="log")
     trainer = zoo.fit(Tolerant(), [audit], data=DataLoader([batch, batch], batch_size=None))
-    assert trainer.global_step == 2
+    # the audit changes nothing about the run (Lightning itself skips a batch that is None)
+    assert trainer.global_step == without.global_step
     alarms = [f for f in audit.findings if f.severity != "info"]
     assert alarms == [], alarms
