@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -229,6 +229,17 @@ def make_finding(
         params=tuple(params),
         data=dict(data or {}),
     )
+
+
+def name_list(names: Sequence[str], limit: int = 6) -> str:
+    """The first ``limit`` names, comma-separated, and how many more (for finding messages).
+
+    Example:
+        >>> name_list(["a", "b", "c"], limit=2)
+        'a, b and 1 more'
+    """
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class GradientAuditError(RuntimeError):

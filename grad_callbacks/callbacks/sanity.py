@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,17 +21,11 @@ import torch
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
 from grad_callbacks.core.grad_stats import GradSanityMonitor, GroupSummary, HostCopy, LocalGradProbe
-from grad_callbacks.findings import CODES, make_finding
+from grad_callbacks.findings import CODES, make_finding, name_list
 
-_MAX_NAMES = 6
 # Steps whose gradient norms may wait on the device for a scheduled read (a row of floats per
 # parameter each): beyond this the rows are copied to the host early, without waiting on CUDA.
 _MAX_PENDING_STEPS = 64
-
-
-def _names(params: Sequence[str]) -> str:
-    shown = ", ".join(params[:_MAX_NAMES])
-    return shown + (f" and {len(params) - _MAX_NAMES} more" if len(params) > _MAX_NAMES else "")
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -261,7 +254,7 @@ class GradientSanityCheck(AuditCallback):
                     message=(
                         f"NaN/Inf gradients{where} at a step of {opt}, first at step "
                         f"{s.nonfinite_step}, in {len(s.nonfinite)} parameter(s): "
-                        f"{_names(s.nonfinite)}. No GradScaler guards this step, so the "
+                        f"{name_list(s.nonfinite)}. No GradScaler guards this step, so the "
                         f"optimizer applies them. Fix: {CODES['nonfinite-grad'].fix}."
                     ),
                     data={"optimizer": s.group, "local": local},
@@ -277,7 +270,7 @@ class GradientSanityCheck(AuditCallback):
                     message=(
                         f"{len(s.missing)} trainable parameter(s) of {opt} got no gradient "
                         f"(None or all zeros) at {self.patience} consecutive steps of it, by "
-                        f"step {s.missing_step}: {_names(s.missing)}. The loss does not reach "
+                        f"step {s.missing_step}: {name_list(s.missing)}. The loss does not reach "
                         f"them: an unused layer or head, or a graph cut by detach(), .data, "
                         f"torch.no_grad() or a round trip through .item()/numpy. "
                         f"Fix: {CODES['missing-grad'].fix}."

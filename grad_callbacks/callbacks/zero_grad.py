@@ -11,21 +11,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
 from grad_callbacks.core.ledger import GradientLedger, StepAudit
-from grad_callbacks.findings import CODES, make_finding
-
-_MAX_NAMES = 6
-
-
-def _names(params: Sequence[str]) -> str:
-    shown = ", ".join(params[:_MAX_NAMES])
-    return shown + (f" and {len(params) - _MAX_NAMES} more" if len(params) > _MAX_NAMES else "")
+from grad_callbacks.findings import CODES, make_finding, name_list
 
 
 class ZeroGradCheck(AuditCallback):
@@ -133,7 +126,7 @@ class ZeroGradCheck(AuditCallback):
                         message=(
                             f"{opt} stepped on gradients that still held contributions from "
                             f"backward passes before its previous step, in "
-                            f"{len(audit.uncleared)} parameter(s): {_names(audit.uncleared)}. "
+                            f"{len(audit.uncleared)} parameter(s): {name_list(audit.uncleared)}. "
                             f"Fix: {CODES['missing-zero-grad'].fix}."
                         ),
                         data={
@@ -154,7 +147,7 @@ class ZeroGradCheck(AuditCallback):
                         message=(
                             f"{opt} stepped on gradients from a backward pass that {others} had "
                             f"already stepped on, with another backward pass in between, in "
-                            f"{len(audit.leaked)} parameter(s): {_names(audit.leaked)}. "
+                            f"{len(audit.leaked)} parameter(s): {name_list(audit.leaked)}. "
                             f"Fix: {CODES['gradient-leak'].fix}."
                         ),
                         data={
@@ -173,7 +166,7 @@ class ZeroGradCheck(AuditCallback):
                         message=(
                             f"{opt} applied an old gradient again: {len(audit.stale)} "
                             f"parameter(s) got no contribution since its previous step but kept "
-                            f"their gradient: {_names(audit.stale)}. "
+                            f"their gradient: {name_list(audit.stale)}. "
                             f"Fix: {CODES['stale-grad'].fix}."
                         ),
                         data={"optimizer": audit.optimizer_index},
