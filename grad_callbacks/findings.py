@@ -245,13 +245,19 @@ def name_list(names: Sequence[str], limit: int = 6) -> str:
 class GradientAuditError(RuntimeError):
     """Raised under ``on_finding="raise"`` for an error-severity finding.
 
+    Under DDP every rank raises it together; on the ranks that did not find the error,
+    ``rank`` names the one that did.
+
     Attributes:
         finding: the finding that caused it.
+        rank: the DDP rank where it was found, when that is another process; else None.
     """
 
-    def __init__(self, finding: Finding) -> None:
-        super().__init__(f"[{finding.code}] {finding.message}")
+    def __init__(self, finding: Finding, rank: int | None = None) -> None:
+        where = f" (found on rank {rank})" if rank is not None else ""
+        super().__init__(f"[{finding.code}]{where} {finding.message}")
         self.finding = finding
+        self.rank = rank
 
 
 class FindingLog:

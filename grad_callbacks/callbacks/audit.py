@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.autograd_check import AutogradCheck
-from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.callbacks.base import CALLBACK_HOOKS, AuditCallback, OnFinding, audit_hook
 from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
@@ -52,13 +52,7 @@ _BASE_HOOKS = {
 }
 # Hooks GradientAudit defines itself (they time the batch around the checks' own hooks).
 _TIMING_HOOKS = {"on_train_batch_start", "on_train_batch_end"}
-_HOOKS = sorted(
-    name
-    for name in vars(pl.Callback)
-    if (name.startswith("on_") or name in ("setup", "teardown"))
-    and name not in ("on_save_checkpoint", "on_load_checkpoint", *_TIMING_HOOKS)
-    and callable(getattr(pl.Callback, name))
-)
+_HOOKS = [name for name in CALLBACK_HOOKS if name not in _TIMING_HOOKS]
 
 #: Share of the overhead budget given to each expensive periodic check.
 BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.7}
@@ -86,6 +80,7 @@ class GradientAudit(AuditCallback):
 
     check_name = "GradientAudit"
     metric_prefix = "audit"
+    needs_whole_gradients = False  # its checks decide for themselves
 
     def __init__(
         self,
@@ -122,9 +117,11 @@ class GradientAudit(AuditCallback):
     def findings(self) -> list[Finding]:
         return [f for check in self.checks for f in check.findings]
 
-    @property
-    def state_key(self) -> str:
+    def _compute_state_key(self) -> str:
         return self._generate_state_key(checks=[c.state_key for c in self.checks])
+
+    def _agreeing_checks(self) -> list[AuditCallback]:
+        return self.checks
 
     def state_dict(self) -> dict[str, Any]:
         return {check.state_key: check.state_dict() for check in self.checks}
@@ -196,4 +193,4 @@ def _forward(name: str) -> Callable[..., None]:
 
 
 for _name in _HOOKS:
-    setattr(GradientAudit, _name, _forward(_name))
+    setattr(GradientAudit, _name, audit_hook(_name, _forward(_name)))

@@ -12,19 +12,35 @@ The base class does the rest:
   *leader*): the findings text and custom-scalars layout in TensorBoard, and ``grad_audit.json``
   at the end of fit, also when fit ends by an exception or interrupt;
 * ``state_dict`` / ``load_state_dict`` with a ``state_key`` derived from the settings, so
-  several instances of a check can coexist in one checkpoint.
+  several instances of a check can coexist in one checkpoint (computed once per fit: Lightning
+  reads it at every hook call, to name the hook in its profiler);
+* under a strategy that shards gradients (FSDP, DeepSpeed), a check with
+  ``needs_whole_gradients`` reports ``check-skipped`` once and its hooks do no work;
+* under DDP with ``on_finding="raise"``, an error found on one rank stops every rank together:
+  the finding is held until the end of the hook, where every rank learns whether any rank holds
+  one (a one-sided exception would leave the other ranks waiting in the next collective).
+
+The last two are done by a wrapper around every Lightning hook a check defines
+(:func:`audit_hook`), so a check's own hook methods stay plain.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 
+from grad_callbacks.callbacks.distributed import (
+    any_rank,
+    gather_objects,
+    is_distributed,
+    sharded_strategy,
+)
 from grad_callbacks.core.budget import OverheadBudget
 from grad_callbacks.findings import (
     SEVERITY_RANK,
@@ -39,6 +55,22 @@ from grad_callbacks.sinks.warnings import warn_finding
 
 OnFinding = Literal["warn", "raise", "log"]
 _POLICIES = ("warn", "raise", "log")
+
+#: Every hook Lightning calls on a callback (checkpoint hooks aside).
+CALLBACK_HOOKS: tuple[str, ...] = tuple(
+    sorted(
+        name
+        for name in vars(pl.Callback)
+        if (name.startswith("on_") or name in ("setup", "teardown"))
+        and name not in ("on_save_checkpoint", "on_load_checkpoint")
+        and callable(getattr(pl.Callback, name))
+    )
+)
+# Hooks at whose end, under DDP and on_finding="raise", every rank learns whether one holds an
+# error: before the optimizer applies a gradient, and where findings are read or gathered.
+_AGREE_HOOKS = frozenset(
+    {"on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end", "on_train_end"}
+)
 
 
 class AuditCallback(pl.Callback):
@@ -75,14 +107,31 @@ class AuditCallback(pl.Callback):
         #: Set by GradientAudit: the shared overhead budget, and this check's share of it.
         self.budget: OverheadBudget | None = None
         self.budget_share = 0.0
+        self._state_key: str | None = None  # frozen from setup to teardown
+        self._inactive = False  # set at setup under a strategy this check cannot audit
+        self._held: Finding | Exception | None = None  # an error waiting for the other ranks
+        self._in_hook = False
 
     # ------------------------------------------------------------------ identity and state
     def settings(self) -> dict[str, Any]:
         """The constructor settings that identify this instance (used in reports, state_key)."""
         return {"every_n_steps": self.every_n_steps, "on_finding": self.on_finding}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _wrap_hooks(cls)
+
+    #: Whether the check reads whole gradients (or runs the model outside the training step),
+    #: so that it cannot run under a strategy that shards them (FSDP, DeepSpeed).
+    needs_whole_gradients: ClassVar[bool] = True
+
     @property
     def state_key(self) -> str:
+        if self._state_key is not None:
+            return self._state_key
+        return self._compute_state_key()
+
+    def _compute_state_key(self) -> str:
         settings = {k: v for k, v in self.settings().items() if k != "on_finding"}
         return self._generate_state_key(**settings)
 
@@ -133,7 +182,10 @@ class AuditCallback(pl.Callback):
             return
         self._text_dirty = True
         if self.on_finding == "raise" and finding.severity == "error":
-            raise GradientAuditError(finding)
+            if not is_distributed(self._trainer):
+                raise GradientAuditError(finding)
+            self._held = self._held or finding  # raised on every rank at the end of the hook
+            return
         if self._may_announce(finding):
             self._announced.add(finding.key)
             warn_finding(finding)
@@ -184,7 +236,10 @@ class AuditCallback(pl.Callback):
             raise
         except Exception as exc:
             if self.on_finding == "raise":
-                raise
+                if not is_distributed(self._trainer):
+                    raise
+                self._held = self._held or exc  # raised on every rank at the end of the hook
+                return
             self.skip(f"{what} failed: {type(exc).__name__}: {exc}")
 
     @property
@@ -230,9 +285,19 @@ class AuditCallback(pl.Callback):
     # ------------------------------------------------------------------ lifecycle used by all
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        self._state_key = self._compute_state_key()
         if stage == "fit":
             self._report_written = False
+            self._held = None
             self._is_leader = self._owner is None and _first_audit_callback(trainer) is self
+            sharded = sharded_strategy(trainer)
+            self._inactive = sharded is not None and self.needs_whole_gradients
+            if sharded is not None and self.needs_whole_gradients:
+                self.skip(
+                    f"the {sharded} strategy shards parameters and gradients across processes, "
+                    f"and {self.check_name} needs whole gradients on every process; it runs "
+                    f"on a single device and under DDP"
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_leader:
@@ -272,6 +337,7 @@ class AuditCallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.release()
+        self._state_key = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_leader:
@@ -286,6 +352,44 @@ class AuditCallback(pl.Callback):
             self._write_outputs(trainer, status=status, error=repr(exception))
 
     # ------------------------------------------------------------------ internals
+    def _agreeing_checks(self) -> list[AuditCallback]:
+        """The checks whose held errors this callback raises (a bundle's: its checks')."""
+        return [self]
+
+    def _agree_to_raise(self) -> None:
+        """Under DDP and ``on_finding="raise"``: raise on every rank if any rank holds an error.
+
+        Every rank runs it at the same hooks (:data:`_AGREE_HOOKS`), so the all-reduce is
+        entered by all of them. When one holds an error, every audit callback gathers its
+        findings first, so rank 0's report names the finding and its rank.
+        """
+        trainer = self._trainer
+        if self._owner is not None or not is_distributed(trainer):
+            return
+        checks = self._agreeing_checks()
+        if not any(c.on_finding == "raise" for c in checks):
+            return
+        assert trainer is not None
+        held = next((c._held for c in checks if c._held is not None), None)
+        if not any_rank(held is not None, trainer):
+            return
+        for callback in audit_callbacks(trainer):
+            callback._gather(trainer)
+        mine: dict[str, Any] | None = None
+        if isinstance(held, Finding):
+            mine = {"finding": held.to_dict()}
+        elif held is not None:
+            mine = {"error": f"{type(held).__name__}: {held}"}
+        described = gather_objects(mine, trainer)
+        if isinstance(held, Exception):
+            raise held
+        if held is not None:
+            raise GradientAuditError(held)
+        rank, what = next((r, d) for r, d in enumerate(described) if d is not None)
+        if "finding" in what:
+            raise GradientAuditError(Finding.from_dict(what["finding"]), rank=rank)
+        raise RuntimeError(f"grad_callbacks: rank {rank} stopped training: {what['error']}")
+
     def _gather(self, trainer: pl.Trainer) -> None:
         """Collect every rank's findings; every rank calls this at the same hooks."""
         if trainer.world_size <= 1 or not torch.distributed.is_initialized():
@@ -378,3 +482,45 @@ def _first_audit_callback(trainer: pl.Trainer) -> pl.Callback | None:
         if isinstance(cb, AuditCallback):
             return cb
     return None
+
+
+def audit_hook(name: str, body: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the Lightning hook ``name`` of a check (see the module docstring).
+
+    The outermost call of a hook (not the ``super()`` calls inside it) skips the check's own
+    work while the check is inactive (running only the base class's part: outputs, gathering),
+    and ends, for hooks in :data:`_AGREE_HOOKS`, with :meth:`AuditCallback._agree_to_raise`.
+    """
+
+    @functools.wraps(body)
+    def hook(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
+        if self._in_hook:
+            body(self, *args, **kwargs)
+            return
+        run: Callable[..., None] | None = body
+        if self._inactive:
+            run = _BASE_HOOK_BODIES.get(name)
+        if run is not None:
+            self._in_hook = True
+            try:
+                run(self, *args, **kwargs)
+            finally:
+                self._in_hook = False
+        if name in _AGREE_HOOKS:
+            self._agree_to_raise()
+
+    hook.__audit_hook__ = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _wrap_hooks(cls: type[AuditCallback]) -> None:
+    for name in CALLBACK_HOOKS:
+        body = cls.__dict__.get(name)
+        if body is not None and not getattr(body, "__audit_hook__", False):
+            setattr(cls, name, audit_hook(name, body))
+
+
+_BASE_HOOK_BODIES: dict[str, Callable[..., None]] = {
+    name: AuditCallback.__dict__[name] for name in CALLBACK_HOOKS if name in AuditCallback.__dict__
+}
+_wrap_hooks(AuditCallback)
