@@ -28,6 +28,7 @@ from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 from grad_callbacks.core.budget import OverheadBudget
+from grad_callbacks.core.norms import NormCache
 from grad_callbacks.findings import Finding
 
 #: The checks ``GradientAudit()`` runs by default, in order.
@@ -52,7 +53,11 @@ _BASE_HOOKS = {
 }
 # Hooks GradientAudit defines itself (they time the batch around the checks' own hooks).
 _TIMING_HOOKS = {"on_train_batch_start", "on_train_batch_end"}
-_HOOKS = [name for name in CALLBACK_HOOKS if name not in _TIMING_HOOKS]
+_HOOKS = [
+    name
+    for name in CALLBACK_HOOKS
+    if name not in _TIMING_HOOKS and name != "on_before_optimizer_step"
+]
 
 #: Share of the overhead budget given to each expensive periodic check.
 BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.7}
@@ -95,6 +100,8 @@ class GradientAudit(AuditCallback):
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         self._batch_started: tuple[float, float] | None = None
         self._every_n_steps_given = every_n_steps
+        # One pass of gradient norms per optimizer step for the checks that read them.
+        self._norm_cache = NormCache()
         common: dict[str, Any] = {"on_finding": on_finding}
         if every_n_steps is not None:
             common["every_n_steps"] = every_n_steps
@@ -108,6 +115,7 @@ class GradientAudit(AuditCallback):
             if not isinstance(check, AuditCallback):
                 raise TypeError(f"GradientAudit takes audit checks, got {check!r}")
             check._owner = self
+            check.norm_fn = self._norm_cache.norms
             if self.budget is not None and check.check_name in BUDGET_SHARES:
                 check.budget, check.budget_share = self.budget, BUDGET_SHARES[check.check_name]
             built.append(check)
@@ -146,6 +154,16 @@ class GradientAudit(AuditCallback):
         self._batch_started = (time.perf_counter(), self._checks_seconds())
         for check in self.checks:
             check.on_train_batch_start(*args, **kwargs)
+
+    def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The gradient norms are shared only within this hook call: the gradients do not change
+        # between the checks' hooks, and no reference to them outlives it.
+        self._norm_cache.clear()
+        try:
+            for check in self.checks:
+                check.on_before_optimizer_step(*args, **kwargs)
+        finally:
+            self._norm_cache.clear()
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         for check in self.checks:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
@@ -42,6 +42,7 @@ from grad_callbacks.callbacks.distributed import (
     sharded_strategy,
 )
 from grad_callbacks.core.budget import OverheadBudget
+from grad_callbacks.core.norms import grad_norms
 from grad_callbacks.findings import (
     SEVERITY_RANK,
     Finding,
@@ -111,6 +112,8 @@ class AuditCallback(pl.Callback):
         self._inactive = False  # set at setup under a strategy this check cannot audit
         self._held: Finding | Exception | None = None  # an error waiting for the other ranks
         self._in_hook = False
+        #: Per-tensor gradient L2 norms; GradientAudit shares one pass among its checks.
+        self.norm_fn: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] = grad_norms
 
     # ------------------------------------------------------------------ identity and state
     def settings(self) -> dict[str, Any]:

@@ -128,7 +128,12 @@ class GradientMonitor(AuditCallback):
             bins = None
             if self.histograms and tb.tensorboard_writer(trainer) is not None:
                 bins = self.histogram_bins
-            obs = observe(named, per_parameter=self.per_parameter, histogram_bins=bins)
+            obs = observe(
+                named,
+                per_parameter=self.per_parameter,
+                histogram_bins=bins,
+                norm_fn=self.norm_fn,
+            )
             self._pending.append((step, index, obs))
             self.steps_checked += 1
 

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -53,7 +54,7 @@ class GradientSanityCheck(AuditCallback):
       its *local* gradients (before they are averaged over processes, which would spread one
       process's NaN to all of them), so the finding names the process whose data caused it.
 
-    Cost and schedule: per step, one ``torch._foreach_norm`` (L1) over the stepping optimizer's
+    Cost and schedule: per step, one ``torch._foreach_norm`` (L2) over the stepping optimizer's
     gradients and one ``torch.stack`` of the norms, on the device; nothing is read from the
     device. Every ``every_n_steps`` steps (and at the end of each epoch, and after at most 64
     steps) the rows of norms gathered since the last read are concatenated and brought to the
@@ -99,9 +100,21 @@ class GradientSanityCheck(AuditCallback):
         self._probe: LocalGradProbe | None = None
         self._reads: list[tuple[HostCopy, list[Any], GradSanityMonitor, int]] = []
         self._names: dict[int, str] = {}
+        self._restored_streaks: list[Any] = []
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "patience": self.patience}
+
+    def extra_state(self) -> dict[str, Any]:
+        # The counts of steps without a gradient go on across a resume; the rows still on the
+        # device are read first (one transfer, at checkpoint time only).
+        with self.guarded("reading the gradient statistics"):
+            self._flush()
+        streaks = self._monitor.streaks() if self._monitor is not None else []
+        return {"streaks": [list(s) for s in streaks]}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._restored_streaks = list(state.get("streaks", []))
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -175,6 +188,9 @@ class GradientSanityCheck(AuditCallback):
             groups.append(named)
         self._param_counts = [len(g) for g in groups]
         self._monitor = GradSanityMonitor(groups, patience=self.patience)
+        if self._restored_streaks:
+            self._monitor.restore_streaks(self._restored_streaks)
+            self._restored_streaks = []
 
     def _refresh(self) -> None:
         """Rebuild the accumulators when an optimizer got new parameter groups (unfreezing)."""
@@ -196,7 +212,11 @@ class GradientSanityCheck(AuditCallback):
             if local is None:  # no backward pass reached this optimizer's parameters here
                 local = torch.zeros(len(group.params), device=group.device)
         self._monitor.observe(
-            index, self.current_step, count_nonfinite=not scaled, local_norms=local
+            index,
+            self.current_step,
+            count_nonfinite=not scaled,
+            local_norms=local,
+            norm_fn=self.norm_fn,
         )
         self.steps_checked += 1
         if self.current_step % self.every_n_steps == 0:

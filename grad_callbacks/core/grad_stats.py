@@ -2,12 +2,13 @@
 
 Pure torch (no Lightning). :class:`GradSanityMonitor` watches groups of parameters (one group
 per optimizer). At each step of a group, :meth:`GradSanityMonitor.observe` computes every
-gradient's L1 norm with one ``torch._foreach_norm`` call and stacks them into a row of
-per-parameter values that stays on the device (two device operations per step, no host
-synchronisation): the norm is 0 exactly when the gradient is all zeros, NaN when it holds a NaN,
-and Inf when it holds an Inf (a sum of absolute values does not overflow short of 3e38; 16-bit
-gradients are summed in float32). A parameter whose ``.grad`` is None counts as 0, one that does
-not require gradients (frozen, or switched off by ``toggle_optimizer``) as 1.
+gradient's L2 norm with one ``torch._foreach_norm`` call (:func:`~grad_callbacks.core.norms.
+grad_norms`) and stacks them into a row of per-parameter values that stays on the device (two
+device operations per step, no host synchronisation): the norm is 0 when the gradient is all
+zeros, NaN when it holds a NaN, and Inf when it holds an Inf (within float32's range: a norm
+above about 1.8e19 reads as Inf, entries all below about 3.7e-23 read as 0; 16-bit gradients are
+reduced in float32). A parameter whose ``.grad`` is None counts as 0, one that does not require
+gradients (frozen, or switched off by ``toggle_optimizer``) as 1.
 
 :meth:`GradSanityMonitor.collect` concatenates the rows gathered since the last call into one
 tensor: reading it is a single host transfer (:class:`HostCopy`, a non-blocking copy into pinned
@@ -39,10 +40,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
+
+from grad_callbacks.core.norms import grad_norms
+
+NormFn = Callable[[Sequence[Tensor]], list[Tensor]]
 
 _NO_STEP = -1
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -69,34 +75,6 @@ class GroupSummary:
     nonfinite_step: int = _NO_STEP
     without_grad: int = 0
     streak: int = 0
-
-
-def l1_norms(grads: Sequence[Tensor]) -> list[Tensor]:
-    """Each gradient's L1 norm as a 0-d device tensor, without host synchronisation.
-
-    One ``torch._foreach_norm`` call (two when 16-bit gradients, summed in float32, are mixed
-    with others; sparse gradients are summed one by one). 0 means all zeros; NaN and Inf
-    propagate. Empty tensors give 0.
-
-    Example:
-        >>> [float(n) for n in l1_norms([torch.tensor([1.0, -3.0]), torch.zeros(2)])]
-        [4.0, 0.0]
-    """
-    out: list[Tensor | None] = [None] * len(grads)
-    dense = [i for i, g in enumerate(grads) if not g.is_sparse]
-    low = [i for i in dense if grads[i].dtype in _LOW_PRECISION]
-    rest = [i for i in dense if grads[i].dtype not in _LOW_PRECISION]
-    for i, g in enumerate(grads):
-        if g.is_sparse:  # nn.Embedding(sparse=True): _foreach_norm takes dense tensors only
-            out[i] = g.coalesce().values().abs().sum(dtype=torch.float32)
-    if low:
-        norms = torch._foreach_norm([grads[i] for i in low], 1, dtype=torch.float32)
-        for i, n in zip(low, norms, strict=True):
-            out[i] = n
-    if rest:
-        for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest], 1), strict=True):
-            out[i] = n
-    return [n for n in out if n is not None]
 
 
 class _Group:
@@ -147,6 +125,7 @@ class GradSanityMonitor:
         *,
         count_nonfinite: bool = True,
         local_norms: Tensor | None = None,
+        norm_fn: NormFn = grad_norms,
     ) -> None:
         """Record the current gradients of ``group`` (device operations only).
 
@@ -159,6 +138,8 @@ class GradSanityMonitor:
                 elsewhere (a GradScaler skips the step).
             local_norms: per-parameter norms to test for NaN/Inf instead of those of the
                 current ``.grad`` (e.g. from a :class:`LocalGradProbe`, before DDP's averaging).
+            norm_fn: per-tensor gradient L2 norms (``NormCache.norms`` shares them with other
+                checks).
         """
         g = self.groups[group]
         if not g.params:
@@ -178,13 +159,32 @@ class GradSanityMonitor:
                 slots.append(None)
                 present.append(grad)
                 where.append(i)
-        for i, norm in zip(where, l1_norms(present), strict=True):
+        for i, norm in zip(where, norm_fn(present), strict=True):
             slots[i] = norm if norm.device == g.device else norm.to(g.device, non_blocking=True)
         tensors = [torch.stack([s for s in slots if s is not None])]
         if local_norms is not None and count_nonfinite:
             tensors.append(local_norms)
         row = _Row(group, int(step), count_nonfinite, len(tensors) == 2)
         self._rows.append((row, tensors))
+
+    def streaks(self) -> list[tuple[int, str, int]]:
+        """``(group, parameter name, streak)`` for every parameter on a no-gradient streak, as
+        of the rows decoded so far (for a checkpoint)."""
+        return [
+            (gi, name, int(streak))
+            for gi, g in enumerate(self.groups)
+            for name, streak in zip(g.names, g.streak.tolist(), strict=True)
+            if streak
+        ]
+
+    def restore_streaks(self, streaks: Sequence[Sequence[Any]]) -> None:
+        """Continue the streaks :meth:`streaks` returned (entries whose group and parameter name
+        are no longer there are ignored)."""
+        for group, name, streak in streaks:
+            if 0 <= int(group) < len(self.groups):
+                g = self.groups[int(group)]
+                if name in g.names:
+                    g.streak[g.names.index(name)] = int(streak)
 
     def collect(self) -> tuple[Tensor, list[_Row]] | None:
         """The rows observed since the last call, concatenated into one float32 device tensor,
@@ -278,11 +278,11 @@ class HostCopy:
 
 
 class LocalGradProbe:
-    """Records each parameter's local gradient L1 norm during backward passes.
+    """Records each parameter's local gradient L2 norm during backward passes.
 
     A tensor hook (``Tensor.register_hook``) sees the gradient a backward pass computed for a
     parameter before it is accumulated into ``.grad``, and so before DDP averages it over
-    processes. Its L1 norm is added up over the backward passes since the last :meth:`take`
+    processes. Its L2 norm is added up over the backward passes since the last :meth:`take`
     (NaN and Inf stay).
     One small device kernel per parameter and backward pass, so use it only where it matters
     (DDP).
@@ -317,7 +317,7 @@ class LocalGradProbe:
                 return
             with torch.no_grad():
                 dtype = torch.float32 if grad.dtype in _LOW_PRECISION else None
-                norm = torch.linalg.vector_norm(grad.detach(), 1, dtype=dtype)
+                norm = torch.linalg.vector_norm(grad.detach(), 2, dtype=dtype)
             prev = self._norms.get(key)
             self._norms[key] = norm if prev is None else prev + norm
 

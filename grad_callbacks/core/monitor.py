@@ -34,13 +34,15 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+from grad_callbacks.core.norms import grad_norms
+
+NormFn = Callable[[Sequence[Tensor]], list[Tensor]]
 # Fields of a histogram row before the bucket counts.
 _NUM, _NONFINITE, _MIN, _MAX, _SUM, _SUMSQ = range(6)
 _HEAD = 6
@@ -57,33 +59,6 @@ def group_label(name: str, per_parameter: bool = False) -> str:
     if per_parameter or "." not in name:
         return name
     return name.rsplit(".", 1)[0]
-
-
-def l2_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Each tensor's L2 norm as a 0-d float32 device tensor, without host synchronisation.
-
-    One ``torch._foreach_norm`` call per dtype family (16-bit tensors are reduced in float32);
-    sparse tensors are reduced one by one. NaN and Inf propagate; empty tensors give 0.
-
-    Example:
-        >>> [float(n) for n in l2_norms([torch.tensor([3.0, 4.0]), torch.zeros(2)])]
-        [5.0, 0.0]
-    """
-    out: list[Tensor | None] = [None] * len(tensors)
-    dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
-    low = [i for i in dense if tensors[i].dtype in _LOW_PRECISION]
-    rest = [i for i in dense if tensors[i].dtype not in _LOW_PRECISION]
-    for i, t in enumerate(tensors):
-        if t.is_sparse:
-            out[i] = torch.linalg.vector_norm(t.coalesce().values(), dtype=torch.float32)
-    if low:
-        norms = torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)
-        for i, n in zip(low, norms, strict=True):
-            out[i] = n
-    if rest:
-        for i, n in zip(rest, torch._foreach_norm([tensors[i] for i in rest], 2), strict=True):
-            out[i] = n.float()
-    return [n for n in out if n is not None]
 
 
 def _group_norms(norms: list[Tensor], index: Tensor, n_groups: int) -> Tensor:
@@ -204,6 +179,7 @@ class StepObservation:
         named: Sequence[tuple[str, Tensor]],
         per_parameter: bool,
         histogram_bins: int | None,
+        norm_fn: NormFn = grad_norms,
     ) -> None:
         self.params = [p for _, p in named]
         labels = [group_label(n, per_parameter) for n, _ in named]
@@ -224,7 +200,7 @@ class StepObservation:
                 index = torch.tensor(
                     [gpos[self.labels[self._index[i]]] for i in present], device=self.device
                 )
-                norms = [n.to(self.device) for n in l2_norms(grads)]  # type: ignore[arg-type]
+                norms = [n.to(self.device) for n in norm_fn(grads)]  # type: ignore[arg-type]
                 self._grad_norms = _group_norms(norms, index, len(self.grad_labels))
             self._hist: list[Tensor] = []
             if histogram_bins is not None:
@@ -239,7 +215,7 @@ class StepObservation:
             self._before: list[Tensor] | None = [p.detach().clone() for p in self.params]
             self._group_index = torch.tensor(self._index, device=self.device, dtype=torch.long)
             self._before_norms = (
-                _group_norms(l2_norms(self._before), self._group_index, len(self.labels))
+                _group_norms(grad_norms(self._before), self._group_index, len(self.labels))
                 if self.params
                 else None
             )
@@ -255,7 +231,7 @@ class StepObservation:
             with torch.no_grad():
                 after = [p.detach() for p in self.params]
                 torch._foreach_sub_(self._before, after)  # before - after, in the copies
-                deltas = _group_norms(l2_norms(self._before), self._group_index, len(self.labels))
+                deltas = _group_norms(grad_norms(self._before), self._group_index, len(self.labels))
             parts += [self._before_norms.to(wide), deltas.to(wide)]
         parts += [h.to(self.device) for h in self._hist]
         self.release()
@@ -306,6 +282,7 @@ def observe(
     *,
     per_parameter: bool = False,
     histogram_bins: int | None = None,
+    norm_fn: NormFn = grad_norms,
 ) -> StepObservation:
     """Observe one optimizer's parameters before its step (device operations only).
 
@@ -314,5 +291,7 @@ def observe(
         per_parameter: one group per parameter instead of per module.
         histogram_bins: bin each group's gradient values into this many buckets; None for no
             histograms.
+        norm_fn: per-tensor gradient L2 norms (``NormCache.norms`` shares them with other
+            checks).
     """
-    return StepObservation(named, per_parameter, histogram_bins)
+    return StepObservation(named, per_parameter, histogram_bins, norm_fn)

@@ -1,0 +1,94 @@
+"""Gradient norms on the device, computed once per optimizer step for every check that reads them.
+
+Pure torch (no Lightning). :func:`grad_norms` is the one place where checks reduce gradients to
+per-tensor L2 norms (``GradientSanityCheck`` at every step, ``GradientMonitor`` on its steps);
+:class:`NormCache` lets several checks that look at the same gradients in the same hook share
+one pass over them.
+
+Why L2: on CPU, ``torch._foreach_norm`` has a vectorised kernel for the L2 norm that is about 3x
+faster than its L1 or max norms (0.05 ms against 0.16 ms for 270k float32 values on 2 threads);
+on GPUs every norm costs one memory pass. The price is float32 range: a gradient whose L2 norm
+exceeds about 1.8e19 reads as Inf, and one whose entries are all below about 3.7e-23 in magnitude
+reads as 0 (their squares underflow).
+
+Example:
+    >>> import torch
+    >>> [float(n) for n in grad_norms([torch.tensor([3.0, 4.0]), torch.zeros(2)])]
+    [5.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def grad_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each tensor's L2 norm as a 0-d float32 tensor on its device, without host synchronisation.
+
+    One ``torch._foreach_norm`` call per dtype family (16-bit tensors are reduced in float32);
+    sparse tensors (``nn.Embedding(sparse=True)``) are reduced one by one. NaN and Inf
+    propagate; empty tensors give 0; 0 means all zeros (see the module docstring for float32's
+    range).
+
+    Example:
+        >>> import torch
+        >>> grad_norms([torch.tensor([1.0, float("nan")])])[0].isnan().item()
+        True
+    """
+    out: list[Tensor | None] = [None] * len(tensors)
+    dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
+    low = [i for i in dense if tensors[i].dtype in _LOW_PRECISION]
+    rest = [i for i in dense if tensors[i].dtype not in _LOW_PRECISION]
+    for i, t in enumerate(tensors):
+        if t.is_sparse:
+            out[i] = torch.linalg.vector_norm(t.coalesce().values(), dtype=torch.float32)
+    if low:
+        norms = torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)
+        for i, n in zip(low, norms, strict=True):
+            out[i] = n
+    if rest:
+        for i, n in zip(rest, torch._foreach_norm([tensors[i] for i in rest], 2), strict=True):
+            out[i] = n.float()
+    return [n for n in out if n is not None]
+
+
+class NormCache:
+    """:func:`grad_norms` computed once for the same tensors, until :meth:`clear`.
+
+    Hold it for one hook call only (clear it before and after): it keys on the identity and
+    version counter of the tensors, which is only safe while they are alive and unchanged.
+
+    Example:
+        >>> import torch
+        >>> cache = NormCache()
+        >>> g = [torch.ones(4)]
+        >>> cache.norms(g)[0] is cache.norms(g)[0], cache.computed
+        (True, 1)
+        >>> cache.clear()
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, int], ...] | None = None
+        self._norms: list[Tensor] = []
+        #: How many times the norms were actually computed (for tests and benchmarks).
+        self.computed = 0
+
+    def norms(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The L2 norms of ``tensors`` (see :func:`grad_norms`), reused when they are the same
+        tensors, unchanged, as in the previous call."""
+        key = tuple((id(t), t._version) for t in tensors)
+        if key != self._key:
+            self._norms = grad_norms(tensors)
+            self._key = key
+            self.computed += 1
+        return self._norms
+
+    def clear(self) -> None:
+        """Forget the norms (and the references they hold)."""
+        self._key = None
+        self._norms = []
