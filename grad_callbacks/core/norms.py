@@ -40,6 +40,8 @@ def grad_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
         >>> grad_norms([torch.tensor([1.0, float("nan")])])[0].isnan().item()
         True
     """
+    if all(t.dtype == torch.float32 and not t.is_sparse for t in tensors):
+        return list(torch._foreach_norm(list(tensors), 2)) if tensors else []
     out: list[Tensor | None] = [None] * len(tensors)
     dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
     low = [i for i in dense if tensors[i].dtype in _LOW_PRECISION]
@@ -53,7 +55,7 @@ def grad_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
             out[i] = n
     if rest:
         for i, n in zip(rest, torch._foreach_norm([tensors[i] for i in rest], 2), strict=True):
-            out[i] = n.float()
+            out[i] = n if n.dtype == torch.float32 else n.float()
     return [n for n in out if n is not None]
 
 
