@@ -25,6 +25,17 @@ How it runs, at the first training batch of every fit and at the batch after
 A model without custom Functions and without named modules costs one graph walk at its first
 batch, and nothing afterwards.
 
+``torch.compile``: the custom Functions called inside compiled code are traced into the compiled
+graph and do not appear in the loss's autograd graph (one ``CompiledFunctionBackward`` node stands
+for the compiled region). When the walk meets such a node, ``training_step`` is run once more,
+eagerly (``torch.compiler.set_stance("force_eager")``) and with gradients, on the first
+``max_samples`` samples and on detached copies of the parameters (so no backward pass in it
+reaches a live ``.grad``), isolated like the recomputation of step 2, and the graph of that loss
+(the returned loss, or in manual optimization the losses given to ``manual_backward``, which
+does nothing there) is walked instead. Every recomputation and finite-difference evaluation runs
+eagerly, so nothing is recompiled. Module names may leave out the ``_orig_mod`` of compiled
+submodules (``"net.0"`` for ``net._orig_mod.0``).
+
 Example:
     >>> import lightning as L
     >>> check = AutogradCheck(modules=["encoder.block0"])
@@ -33,7 +44,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.recompute import isolated
+from grad_callbacks.callbacks.recompute import isolated, untraced
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.gradcheck import (
     CallRecorder,
@@ -50,7 +61,7 @@ from grad_callbacks.core.gradcheck import (
     Tolerance,
     check_function,
     check_module,
-    find_custom_functions,
+    scan_graph,
 )
 from grad_callbacks.findings import CODES, make_finding
 
@@ -64,6 +75,60 @@ def function_name(cls: type) -> str:
         'Function'
     """
     return cls.__qualname__.replace("<locals>.", "")
+
+
+def _collect_into(losses: list[Any]) -> Callable[..., None]:
+    """A stand-in for ``manual_backward`` that keeps the loss instead of differentiating it."""
+
+    def manual_backward(loss: Any, *args: Any, **kwargs: Any) -> None:
+        losses.append(loss)
+
+    return manual_backward
+
+
+class _Step(nn.Module):
+    """``training_step`` as a module's forward, for ``functional_call`` to swap the
+    LightningModule's parameters for the whole step."""
+
+    def __init__(self, inner: pl.LightningModule, batch_idx: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batch_idx = batch_idx
+
+    def forward(self, batch: Any) -> Any:
+        return self.inner.training_step(batch, self.batch_idx)
+
+
+def _without_compile_wrappers(name: str) -> str:
+    """A module name without the ``_orig_mod`` parts that ``torch.compile`` wrappers add."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def resolve_modules(
+    named: dict[str, nn.Module], names: Sequence[str]
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """The modules called ``names`` (a name may leave out ``_orig_mod``), and the unknown names.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> outer = nn.Sequential()
+        >>> outer.add_module("net", torch.compile(net))
+        >>> found, unknown = resolve_modules(dict(outer.named_modules()), ["net.0", "head"])
+        >>> found["net.0"] is net[0], unknown
+        (True, ['head'])
+    """
+    aliases: dict[str, nn.Module] = {}
+    for full, module in named.items():
+        aliases[_without_compile_wrappers(full)] = module  # the innermost (uncompiled) wins
+    found: dict[str, nn.Module] = {}
+    unknown: list[str] = []
+    for name in names:
+        module = named.get(name, aliases.get(name))
+        if module is None:
+            unknown.append(name)
+        else:
+            found[name] = module
+    return found, unknown
 
 
 class AutogradCheck(AuditCallback):
@@ -147,6 +212,7 @@ class AutogradCheck(AuditCallback):
         self._armed = False
         self._armed_step = 0
         self._functions: list[FunctionClass] = []
+        self._compiled_graph = False
         self._error_note = ""
         #: How many loss graphs were walked, training steps recomputed and checks run: the
         #: check's work, for tests and cost accounting.
@@ -188,7 +254,9 @@ class AutogradCheck(AuditCallback):
             self._armed = True
             self._armed_step = trainer.global_step
             self._functions = []
+            self._compiled_graph = False
 
+    @untraced
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
@@ -196,10 +264,15 @@ class AutogradCheck(AuditCallback):
             return
         with self.timed(), self.guarded("walking the loss graph"):
             self.graph_walks += 1
-            for cls in find_custom_functions(loss.grad_fn):
-                excluded = {cls.__name__, function_name(cls)} & set(self.exclude)
-                if cls not in self._functions and not excluded:
-                    self._functions.append(cls)
+            self._add_functions(loss)
+
+    def _add_functions(self, loss: Tensor) -> None:
+        scan = scan_graph(loss.grad_fn)
+        self._compiled_graph = self._compiled_graph or scan.compiled
+        for cls in scan.functions:
+            excluded = {cls.__name__, function_name(cls)} & set(self.exclude)
+            if cls not in self._functions and not excluded:
+                self._functions.append(cls)
 
     def on_train_batch_end(
         self,
@@ -219,20 +292,18 @@ class AutogradCheck(AuditCallback):
     def _check(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._compiled_graph:
+            self._find_compiled_functions(trainer, pl_module, batch, batch_idx)
         if not self._functions and not self.modules:
             return
         self.steps_checked += 1
-        named = dict(pl_module.named_modules())
-        modules = {}
-        for name in self.modules:
-            if name in named:
-                modules[name] = named[name]
-            else:
-                self.skip(
-                    f"module {name!r} is not a submodule of the model",
-                    params=(name,),
-                    step=self._armed_step,
-                )
+        modules, unknown = resolve_modules(dict(pl_module.named_modules()), self.modules)
+        for name in unknown:
+            self.skip(
+                f"module {name!r} is not a submodule of the model",
+                params=(name,),
+                step=self._armed_step,
+            )
         recorder = self._recompute(trainer, pl_module, batch, batch_idx, modules)
         for cls in self._functions:
             name = function_name(cls)
@@ -263,6 +334,60 @@ class AutogradCheck(AuditCallback):
             kind = f"module {type(module).__name__}"
             self._report(
                 name, kind, check_module(module, recorder.module_inputs[name], self.tolerance)
+            )
+
+    def _find_compiled_functions(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Walk the graph of ``training_step`` run again eagerly: the custom Functions inside
+        ``torch.compile``d code do not appear in the live loss's graph.
+
+        The step runs on detached copies of the parameters (``functional_call``), so that a
+        raw ``loss.backward()`` in it reaches the copies, never the live ``.grad`` or the
+        hooks on the live parameters; ``manual_backward`` only keeps its loss.
+        """
+        self.recomputations += 1
+        size = batch_size(batch)
+        small = slice_batch(batch, slice(0, self.max_samples), size=size) if size else batch
+        error: BaseException | None = None
+        losses: list[Any] = []
+        for attempt in (small, batch):
+            losses, error = [], None
+            copies = {
+                f"inner.{name}": p.detach().requires_grad_(p.requires_grad)
+                for name, p in pl_module.named_parameters()
+            }
+            with isolated(pl_module, trainer=trainer), torch.enable_grad():
+                pl_module.__dict__["manual_backward"] = _collect_into(losses)
+                try:
+                    output = torch.func.functional_call(
+                        _Step(pl_module, batch_idx), copies, (attempt,)
+                    )
+                except Exception as exc:
+                    error = exc
+                else:
+                    if isinstance(output, Mapping):
+                        output = output.get("loss")
+                    if isinstance(output, Tensor):
+                        losses.append(output)
+                    for loss in losses:
+                        if isinstance(loss, Tensor):
+                            self._add_functions(loss)
+            if error is None:
+                break
+        if error is not None or not losses:
+            why = (
+                f"it raised {type(error).__name__}: {error}"
+                if error is not None
+                else "it returned no loss and called no manual_backward"
+            )
+            self.skip(
+                "the training loss goes through torch.compile'd code, where custom "
+                "autograd.Functions are traced into the compiled graph and cannot be seen in "
+                f"the autograd graph, and training_step run again eagerly to find them failed: "
+                f"{why}; custom Functions inside the compiled code are not checked (name the "
+                "modules that call them in AutogradCheck(modules=[...]) to check those)",
+                step=self._armed_step,
             )
 
     def _recompute(

@@ -493,24 +493,35 @@ def audit_hook(name: str, body: Callable[..., None]) -> Callable[..., None]:
     The outermost call of a hook (not the ``super()`` calls inside it) skips the check's own
     work while the check is inactive (running only the base class's part: outputs, gathering),
     and ends, for hooks in :data:`_AGREE_HOOKS`, with :meth:`AuditCallback._agree_to_raise`.
+    Called from code that dynamo is tracing (a compiled manual-optimization ``training_step``
+    calls ``on_before_backward`` and ``on_before_optimizer_step``), the hook runs eagerly
+    through ``torch.compiler.disable``; elsewhere that costs one ``is_compiling()`` test.
     """
 
-    @functools.wraps(body)
-    def hook(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
+    def run(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
         if self._in_hook:
             body(self, *args, **kwargs)
             return
-        run: Callable[..., None] | None = body
+        work: Callable[..., None] | None = body
         if self._inactive:
-            run = _BASE_HOOK_BODIES.get(name)
-        if run is not None:
+            work = _BASE_HOOK_BODIES.get(name)
+        if work is not None:
             self._in_hook = True
             try:
-                run(self, *args, **kwargs)
+                work(self, *args, **kwargs)
             finally:
                 self._in_hook = False
         if name in _AGREE_HOOKS:
             self._agree_to_raise()
+
+    eager = torch.compiler.disable(run)
+
+    @functools.wraps(body)
+    def hook(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            eager(self, *args, **kwargs)
+        else:
+            run(self, *args, **kwargs)
 
     hook.__audit_hook__ = True  # type: ignore[attr-defined]
     return hook

@@ -14,7 +14,11 @@ all of them:
   ones can be set to a state captured earlier with :func:`capture_rng` (so the recomputation
   draws the same dropout masks as the step it reproduces);
 * every buffer is put back (:func:`~grad_callbacks.core.state.restored_state`), and the state of
-  every torchmetrics ``Metric`` submodule is restored.
+  every torchmetrics ``Metric`` submodule is restored;
+* ``torch.compile``d code (a compiled submodule, or a LightningModule passed to ``fit`` compiled,
+  whose ``training_step`` Lightning then runs compiled) runs eagerly
+  (:func:`~grad_callbacks.core.per_sample.run_eagerly`): the recomputation never recompiles,
+  replaces or warms up the training graph.
 
 Python attributes the user's ``training_step`` changes by itself (a counter, say) cannot be
 restored in general: keep ``training_step`` free of such side effects. (A ``per_sample_loss``
@@ -34,17 +38,55 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from grad_callbacks.core.per_sample import run_eagerly
 from grad_callbacks.core.state import restored_state
 
 _METRIC_ATTRS = ("_update_count", "_computed", "_forward_cache", "_update_called")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def untraced(fn: _F) -> _F:
+    """``fn`` runs as plain Python even when called from ``torch.compile``d code.
+
+    Lightning runs a LightningModule passed to ``fit`` compiled through its ``training_step``;
+    in manual optimization that is where ``manual_backward`` and ``opt.step()`` call the
+    callbacks' ``on_before_backward``, ``on_after_backward`` and ``on_before_optimizer_step``.
+    Dynamo would trace those hooks (and the code they call: graph walks, recomputations,
+    ``time.perf_counter``) into graphs of their own, with warnings and graph breaks.
+    ``torch.compiler.disable`` keeps them and everything they call eager (about 1 us a call).
+
+    Example:
+        >>> @untraced
+        ... def hook(x: int) -> int:
+        ...     return x + 1
+        >>> hook(1)
+        2
+    """
+    return torch.compiler.disable(fn)  # type: ignore[return-value]
+
+
+def training_step_compiled(module: nn.Module) -> bool:
+    """Whether ``module.training_step`` runs under ``torch.compile``: the LightningModule was
+    passed to ``fit`` compiled (Lightning's ``from_compiled`` wraps its step methods), or the
+    user wrapped ``training_step`` with ``torch.compile`` by hand.
+
+    Example:
+        >>> training_step_compiled(nn.Linear(2, 2))
+        False
+    """
+    if getattr(module, "_compiler_ctx", None) is not None:
+        return True
+    step = module.__dict__.get("training_step")
+    return step is not None and hasattr(step, "_torchdynamo_orig_callable")
 
 
 @dataclass(frozen=True)
@@ -217,6 +259,7 @@ def isolated(
     cuda_in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
     devices = list(range(torch.cuda.device_count())) if cuda_in_use else []
     with ExitStack() as stack:
+        stack.enter_context(run_eagerly())
         stack.enter_context(restored_state(module))
         stack.enter_context(_restored_metrics(module))
         stack.enter_context(stood_in(module, trainer))

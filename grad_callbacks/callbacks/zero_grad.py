@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.callbacks.recompute import training_step_compiled, untraced
 from grad_callbacks.core.ledger import GradientLedger, StepAudit
 from grad_callbacks.findings import CODES, make_finding, name_list
 
@@ -28,7 +29,8 @@ class ZeroGradCheck(AuditCallback):
     host-device synchronisation), so it is not periodic: ``every_n_steps`` is accepted for a
     uniform interface and has no effect. Its scalars follow the Trainer's ``log_every_n_steps``.
     Automatic and manual optimization (``manual_backward`` or a raw ``loss.backward()``), any
-    number of optimizers, gradient accumulation, clipping and mixed precision. Steps are audited
+    number of optimizers, gradient accumulation, clipping and mixed precision, and
+    ``torch.compile``d models (its hooks are kept out of dynamo's tracing). Steps are audited
     as they are attempted (``on_before_optimizer_step``), so a step that a GradScaler skips on
     overflow is still a step boundary: the gradients it did not apply are cleared by Lightning,
     and not clearing them is still caught.
@@ -62,7 +64,11 @@ class ZeroGradCheck(AuditCallback):
             f"optimizer {i} ({type(opt).__name__})" for i, opt in enumerate(optimizers)
         ]
         self._ledger = GradientLedger(
-            pl_module.named_parameters(), optimizers, on_step=self._on_step
+            pl_module.named_parameters(),
+            optimizers,
+            on_step=self._on_step,
+            # manual optimization under a compiled training_step: backward and steps run there
+            untraced_hooks=training_step_compiled(pl_module),
         )
         if len(self._steps_taken) == len(optimizers):
             self._ledger.steps_taken = list(self._steps_taken)
@@ -74,6 +80,7 @@ class ZeroGradCheck(AuditCallback):
         if self._ledger is not None:
             self._ledger.refresh()
 
+    @untraced
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:

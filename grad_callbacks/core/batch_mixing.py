@@ -30,9 +30,10 @@ per-module localisation.
 Non-invasive when ``module`` is given: BatchNorm layers (``_BatchNorm``) run in eval mode (their
 batch statistics mix samples by design; train-mode BatchNorm is not reported; one without running
 statistics normalises with detached statistics of its first input instead), every buffer is
-restored afterwards, the global RNG is forked (dropout consumes it), and no ``requires_grad`` or
-``.grad`` of a parameter is touched. Dropout keeps the module's mode: it acts per element and
-cannot mix samples.
+restored afterwards, the global RNG is forked (dropout consumes it), ``torch.compile``d code runs
+eagerly (inputs that require grad, eval-mode BatchNorm and the localisation hooks would each
+recompile it), and no ``requires_grad`` or ``.grad`` of a parameter is touched. Dropout keeps
+the module's mode: it acts per element and cannot mix samples.
 
 Gradients that are NaN are not evidence (``0 * inf`` from a sample that does not feed the output
 gives NaN), so they count as zero.
@@ -65,6 +66,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from grad_callbacks.core.per_sample import run_eagerly
 from grad_callbacks.core.state import restored_state
 
 #: Relative size of a change in a module's output, against its largest value, below which the
@@ -246,8 +248,8 @@ def _cuda_devices(*objs: Any) -> list[int]:
 def isolated(module: nn.Module | None, inputs: Any = None) -> Iterator[None]:
     """Run extra forward passes of ``module`` without a trace on training.
 
-    BatchNorm layers run in eval mode, buffers are restored on exit and the CPU and CUDA random
-    number generators are forked.
+    BatchNorm layers run in eval mode, buffers are restored on exit, the CPU and CUDA random
+    number generators are forked and ``torch.compile``d code runs eagerly.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -258,6 +260,7 @@ def isolated(module: nn.Module | None, inputs: Any = None) -> Iterator[None]:
         (True, True)
     """
     with ExitStack() as stack:
+        stack.enter_context(run_eagerly())
         stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(module, inputs)))
         if module is not None:
             stack.enter_context(_norms_in_eval(module))

@@ -4,7 +4,9 @@ Pure torch (no Lightning). Three parts:
 
 * :func:`find_custom_functions` walks an autograd graph from a loss's ``grad_fn`` through
   ``next_functions`` and returns the custom Function classes in it (their nodes are
-  ``BackwardCFunction`` instances whose ``_forward_cls`` is the class).
+  ``BackwardCFunction`` instances whose ``_forward_cls`` is the class). :func:`scan_graph` also
+  tells whether the graph goes through ``torch.compile``d code: the Functions called there are
+  traced into one ``CompiledFunctionBackward`` node and cannot be seen from the graph.
 * :class:`CallRecorder` records the inputs of the first calls of chosen Function classes and
   modules while some code runs. A Function is intercepted by temporarily replacing its
   ``forward`` staticmethod: ``Function.apply`` looks ``forward`` up on the class at every call,
@@ -59,6 +61,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from grad_callbacks.core.per_sample import run_eagerly
+
 FunctionClass = type[torch.autograd.Function]
 Status = Literal["ok", "mismatch", "skipped"]
 
@@ -80,17 +84,39 @@ def is_user_function(cls: type) -> bool:
     return module != "torch" and not module.startswith("torch.")
 
 
-def find_custom_functions(grad_fn: Any) -> list[FunctionClass]:
-    """The custom ``autograd.Function`` classes in the graph behind ``grad_fn``, in order of
-    discovery (breadth first from the loss), torch's own excluded.
+def is_compiled_region(cls: type) -> bool:
+    """Whether ``cls`` is the autograd Function of a ``torch.compile``d graph (AOTAutograd's
+    ``CompiledFunction``): the custom Functions traced into it are invisible from outside."""
+    module = getattr(cls, "__module__", "") or ""
+    return module.startswith("torch._functorch") and cls.__name__ == "CompiledFunction"
+
+
+@dataclass(frozen=True)
+class GraphScan:
+    """What an autograd graph goes through.
+
+    Attributes:
+        functions: the custom Function classes, in order of discovery (torch's own excluded).
+        compiled: whether the graph goes through ``torch.compile``d code, whose custom
+            Functions are traced into the compiled graph and do not appear as nodes.
+    """
+
+    functions: list[FunctionClass]
+    compiled: bool
+
+
+def scan_graph(grad_fn: Any) -> GraphScan:
+    """Walk the graph behind ``grad_fn`` breadth first from the loss (see :class:`GraphScan`).
 
     Example:
-        >>> find_custom_functions(torch.ones(2, requires_grad=True).exp().sum().grad_fn)
-        []
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> scan_graph(x.exp().sum().grad_fn)
+        GraphScan(functions=[], compiled=False)
     """
     found: list[FunctionClass] = []
+    compiled = False
     if grad_fn is None:
-        return found
+        return GraphScan(found, compiled)
     seen = {id(grad_fn)}
     frontier = [grad_fn]
     while frontier and len(seen) < _MAX_GRAPH_NODES:
@@ -100,12 +126,24 @@ def find_custom_functions(grad_fn: Any) -> list[FunctionClass]:
             if isinstance(node, torch.autograd.function.BackwardCFunction) and cls is not None:
                 if is_user_function(cls) and cls not in found:
                     found.append(cls)
+                compiled = compiled or is_compiled_region(cls)
             for child, _ in getattr(node, "next_functions", ()):
                 if child is not None and id(child) not in seen:
                     seen.add(id(child))
                     nxt.append(child)
         frontier = nxt
-    return found
+    return GraphScan(found, compiled)
+
+
+def find_custom_functions(grad_fn: Any) -> list[FunctionClass]:
+    """The custom ``autograd.Function`` classes in the graph behind ``grad_fn``, in order of
+    discovery (breadth first from the loss), torch's own excluded.
+
+    Example:
+        >>> find_custom_functions(torch.ones(2, requires_grad=True).exp().sum().grad_fn)
+        []
+    """
+    return scan_graph(grad_fn).functions
 
 
 # ---------------------------------------------------------------------- recording inputs
@@ -312,7 +350,8 @@ def compare_jacobians(
     """
     tol = tol or Tolerance()
     devices = _cuda_devices(inputs)
-    with torch.random.fork_rng(devices=devices):
+    # float64 copies would recompile torch.compile'd code at every evaluation: run it eagerly
+    with run_eagerly(), torch.random.fork_rng(devices=devices):
         return _compare(fn, inputs, input_names, output_names, tol, devices)
 
 

@@ -127,6 +127,10 @@ class GradientLedger:
         on_step: called with each :class:`StepAudit` as the step happens (inside the optimizer's
             step post-hook).
         keep_audits: how many recent audits :attr:`step_audits` keeps (for tests and debugging).
+        untraced_hooks: wrap the tensor and optimizer hooks in ``torch.compiler.disable``, for
+            backward passes and optimizer steps called from ``torch.compile``d code (a compiled
+            ``training_step`` in manual optimization), where dynamo would otherwise trace the
+            hooks into graphs of their own; about 1 us more per hook call.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class GradientLedger:
         optimizers: Sequence[torch.optim.Optimizer],
         on_step: Callable[[StepAudit], Any] | None = None,
         keep_audits: int = 16,
+        untraced_hooks: bool = False,
     ) -> None:
         self._names: dict[int, str] = {}
         for name, p in named_parameters:
@@ -142,6 +147,7 @@ class GradientLedger:
         self.optimizers = list(optimizers)
         self._on_step = on_step
         self._keep_audits = keep_audits
+        self._untraced_hooks = untraced_hooks
         self.step_audits: list[StepAudit] = []
         self._seq = itertools.count()
         self._states: dict[int, _ParamState] = {}
@@ -165,7 +171,8 @@ class GradientLedger:
             self._opt_params.append(params)
             for j, p in enumerate(params):
                 self._names.setdefault(id(p), f"optimizer{i}.param{j}")
-            self._opt_handles.append(opt.register_step_post_hook(self._make_step_hook(i)))
+            hook = self._untraced(self._make_step_hook(i))
+            self._opt_handles.append(opt.register_step_post_hook(hook))
         self.refresh()
 
     def refresh(self) -> None:
@@ -205,9 +212,12 @@ class GradientLedger:
                 self._remember_grad(state, param.grad)
 
         self._hooked[id(p)] = [
-            p.register_hook(before_accumulate),
-            p.register_post_accumulate_grad_hook(after_accumulate),
+            p.register_hook(self._untraced(before_accumulate)),
+            p.register_post_accumulate_grad_hook(self._untraced(after_accumulate)),
         ]
+
+    def _untraced(self, hook: Callable[..., None]) -> Callable[..., None]:
+        return torch.compiler.disable(hook) if self._untraced_hooks else hook
 
     # ------------------------------------------------------------------ observation
     def _backward_seq(self) -> int:

@@ -24,6 +24,11 @@ Two ways to get there:
 Random ops: under vmap, ``randomness="same"`` draws once per chunk (so dropout masks, and results,
 depend on ``chunk_size``), ``"different"`` once per sample; the loop draws once per sample.
 
+``torch.compile``: a compiled module (or one holding compiled submodules) is run eagerly here
+(:func:`run_eagerly`): called with swapped, detached parameters, under vmap or with one sample at a
+time, compiled code would fail its guards and recompile at every call, for nothing. The compiled
+training graph is left as it was.
+
 Non-invasive: no ``.grad``, ``requires_grad``, buffer or train/eval flag of the module is changed.
 Random number streams are NOT protected here: dropout and other random ops consume the global RNG
 (a failed vmap attempt too). Callers that need bitwise-identical training fork the RNG around the
@@ -83,6 +88,7 @@ __all__ = [
     "loss_grad",
     "per_sample_grad_stats",
     "per_sample_grads",
+    "run_eagerly",
 ]
 
 
@@ -184,6 +190,33 @@ def batchnorm_eval(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in zip(norms, flags, strict=True):
             m.training = flag
+
+
+@contextmanager
+def run_eagerly() -> Iterator[None]:
+    """Run ``torch.compile``d code called inside the block as plain eager code.
+
+    Recomputations call the user's compiled modules in ways the compiled graph was not built
+    for (parameters swapped by ``functional_call``, under ``vmap``, inputs that require grad,
+    float64 copies, ``no_grad``): compiled, every call would fail a guard and recompile, slowly,
+    until the recompile limit, for graphs never used again. Under
+    ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6) they run eagerly and the
+    compiled training graph is neither recompiled nor replaced. A no-op on older torch, and
+    while dynamo is tracing the caller (the stance cannot change inside a compiled region).
+
+    Example:
+        >>> net = torch.compile(torch.nn.Linear(2, 1))
+        >>> with run_eagerly():  # no compilation happens here
+        ...     out = net(torch.ones(3, 2))
+        >>> out.shape
+        torch.Size([3, 1])
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -443,7 +476,11 @@ def _run(
     chosen, module_names = _resolve_params(module, params)
     flat = flatten_batch(batch, size=size)
     reason: str | None = None
-    with batchnorm_eval(module) if eval_batchnorm else nullcontext(), torch.enable_grad():
+    with (
+        run_eagerly(),
+        batchnorm_eval(module) if eval_batchnorm else nullcontext(),
+        torch.enable_grad(),
+    ):
         if method in ("auto", "vmap"):
             sink = make_sink(chosen, flat.size)
             try:
@@ -676,5 +713,5 @@ def loss_grad(
         tensor([[3., 3.]])
     """
     chosen, module_names = _resolve_params(module, params)
-    with restored_state(module):
+    with run_eagerly(), restored_state(module):
         return _hook_free_grad(module, loss_fn, batch, chosen, module_names)
