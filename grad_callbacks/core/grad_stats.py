@@ -203,24 +203,36 @@ class GradSanityMonitor:
     def decode(self, host: Tensor, layout: Sequence[_Row]) -> list[GroupSummary]:
         """Fold collected rows (on the host, in the order collected) into one summary per group
         seen in them. Calls must follow the order of :meth:`collect`."""
-        first_missing: dict[int, Tensor] = {}
-        first_nonfinite: dict[int, Tensor] = {}
+        rows: dict[int, tuple[list[Tensor], list[Tensor], list[int], list[bool]]] = {}
         offset = 0
         for row in layout:
-            g = self.groups[row.group]
-            n = len(g.params)
+            n = len(self.groups[row.group].params)
             values = host[offset : offset + n]
             offset += n
             tested = values
             if row.local:
                 tested = host[offset : offset + n]
                 offset += n
-            fm = first_missing.setdefault(row.group, torch.full((n,), _NO_STEP))
-            fn = first_nonfinite.setdefault(row.group, torch.full((n,), _NO_STEP))
-            g.streak = torch.where(values == 0, g.streak + 1, 0)
-            fm[(g.streak >= self.patience) & (fm == _NO_STEP)] = row.step
-            if row.count_nonfinite:
-                fn[~torch.isfinite(tested) & (fn == _NO_STEP)] = row.step
+            vs, ts, steps, counted = rows.setdefault(row.group, ([], [], [], []))
+            vs.append(values)
+            ts.append(tested)
+            steps.append(row.step)
+            counted.append(row.count_nonfinite)
+        first_missing: dict[int, Tensor] = {}
+        first_nonfinite: dict[int, Tensor] = {}
+        for index, (vs, ts, steps, counted) in rows.items():
+            g = self.groups[index]
+            step_of = torch.tensor(steps)
+            # The streak after each row, for all rows at once: rows since the last row with a
+            # gradient, or the streak carried in plus every row so far when there was none.
+            order = torch.arange(len(vs)).unsqueeze(1)
+            got = torch.stack(vs) != 0
+            last = torch.cummax(torch.where(got, order, -1), dim=0).values
+            streaks = torch.where(last >= 0, order - last, g.streak + order + 1)
+            g.streak = streaks[-1].clone()
+            first_missing[index] = _first_step(streaks >= self.patience, step_of)
+            bad = ~torch.isfinite(torch.stack(ts)) & torch.tensor(counted).unsqueeze(1)
+            first_nonfinite[index] = _first_step(bad, step_of)
         out = []
         for index in sorted(first_missing):
             g = self.groups[index]
@@ -240,6 +252,12 @@ class GradSanityMonitor:
                 )
             )
         return out
+
+
+def _first_step(hit: Tensor, steps: Tensor) -> Tensor:
+    """Per column of ``hit`` (rows x parameters), the step of its first True row, or -1."""
+    first = hit.int().argmax(dim=0)  # the first maximum: the first True row, 0 if none
+    return torch.where(hit.any(dim=0), steps[first], _NO_STEP)
 
 
 class HostCopy:

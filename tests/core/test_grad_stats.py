@@ -1,0 +1,77 @@
+"""GradSanityMonitor's decoding of collected rows, against a plain step-by-step reference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from grad_callbacks.core.grad_stats import GradSanityMonitor, HostCopy
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_vectorised_decode_matches_the_row_by_row_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 5) for _ in range(rng.randint(1, 3))]
+    params = [
+        [(f"g{g}.p{i}", torch.nn.Parameter(torch.ones(2))) for i in range(n)]
+        for g, n in enumerate(sizes)
+    ]
+    patience = rng.randint(1, 4)
+    monitor = GradSanityMonitor(params, patience=patience)
+    choices = [0.0, 0.0, 1.0, 2.5, float("nan"), float("inf")]
+    carried = {g: [0] * n for g, n in enumerate(sizes)}
+    for _read in range(3):  # streaks carry across reads
+        sequence = []
+        for step in range(rng.randint(1, 12)):
+            group = rng.randrange(len(sizes))
+            values = [rng.choice(choices) for _ in range(sizes[group])]
+            local = (
+                [rng.choice(choices) for _ in range(sizes[group])] if rng.random() < 0.3 else None
+            )
+            counted = rng.random() < 0.8
+            sequence.append((group, step, values, local, counted))
+            monitor._rows.append(_row(group, step, values, local, counted))
+        tensor, layout = monitor.collect()  # type: ignore[misc]
+        summaries = monitor.decode(HostCopy(tensor).result(), layout)
+        expected, _ = _reference_from(carried, sequence, sizes, patience)
+        assert len(summaries) == len(expected)
+        for s, (group, fm, fn, streak) in zip(summaries, expected, strict=True):
+            names = [n for n, _ in params[group]]
+            assert s.group == group
+            assert s.missing == tuple(names[i] for i in sorted(fm))
+            assert s.missing_step == min(fm.values(), default=-1)
+            assert s.nonfinite == tuple(names[i] for i in sorted(fn))
+            assert s.nonfinite_step == min(fn.values(), default=-1)
+            assert s.without_grad == sum(1 for x in streak if x > 0)
+            assert s.streak == max((streak[i] for i in fm), default=0)
+
+
+def _reference_from(carried, sequence, sizes, patience):  # type: ignore[no-untyped-def]
+    """The reference, starting from the streaks carried in (updated in place)."""
+    out = []
+    window: dict[int, tuple[dict[int, int], dict[int, int]]] = {}
+    for group, step, values, local, counted in sequence:
+        fm, fn = window.setdefault(group, ({}, {}))
+        tested = local if local is not None else values
+        for i, v in enumerate(values):
+            carried[group][i] = carried[group][i] + 1 if v == 0 else 0
+            if carried[group][i] >= patience and i not in fm:
+                fm[i] = step
+            t = tested[i]
+            if counted and (t != t or abs(t) == float("inf")) and i not in fn:
+                fn[i] = step
+    for group in sorted(window):
+        fm, fn = window[group]
+        out.append((group, fm, fn, list(carried[group])))
+    return out, carried
+
+
+def _row(group: int, step: int, values, local, counted):  # type: ignore[no-untyped-def]
+    from grad_callbacks.core.grad_stats import _Row
+
+    tensors = [torch.tensor(values)]
+    if local is not None and counted:
+        tensors.append(torch.tensor(local))
+    return _Row(group, step, counted, len(tensors) == 2), tensors
