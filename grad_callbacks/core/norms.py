@@ -5,11 +5,12 @@ per-tensor L2 norms (``GradientSanityCheck`` at every step, ``GradientMonitor`` 
 :class:`NormCache` lets several checks that look at the same gradients in the same hook share
 one pass over them.
 
-Why L2: on CPU, ``torch._foreach_norm`` has a vectorised kernel for the L2 norm that is about 3x
-faster than its L1 or max norms (0.05 ms against 0.16 ms for 270k float32 values on 2 threads);
-on GPUs every norm costs one memory pass. The price is float32 range: a gradient whose L2 norm
-exceeds about 1.8e19 reads as Inf, and one whose entries are all below about 3.7e-23 in magnitude
-reads as 0 (their squares underflow).
+Why L2: on CPU the squared L2 norm of a large tensor is a BLAS dot product, about 2x faster than
+``torch._foreach_norm`` for any norm (1.1 ms against 1.9 ms for 5.8M float32 values on 2
+threads; L1 is slower still), and on GPUs ``_foreach_norm``'s fused kernel costs one memory pass
+for any norm. The price is float32 range: a gradient whose L2 norm exceeds about 1.8e19 reads as
+Inf, and one whose entries are all below about 3.7e-23 in magnitude reads as 0 (their squares
+underflow).
 
 Example:
     >>> import torch
@@ -25,6 +26,8 @@ import torch
 from torch import Tensor
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_BLAS = (torch.float32, torch.float64)
+_BLAS_MIN_NUMEL = 1 << 20
 
 
 def grad_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -40,8 +43,17 @@ def grad_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
         >>> grad_norms([torch.tensor([1.0, float("nan")])])[0].isnan().item()
         True
     """
+    if not tensors:
+        return []
+    if all(t.dtype in _BLAS and t.device.type == "cpu" and not t.is_sparse for t in tensors) and (
+        sum(t.numel() for t in tensors) >= _BLAS_MIN_NUMEL
+    ):
+        # On CPU a BLAS dot product is about 2x faster than _foreach_norm's per-tensor kernels,
+        # once the tensors are large enough to outweigh a few more calls per tensor.
+        squares = [torch.dot(f, f) for f in (t.reshape(-1) for t in tensors)]
+        return [n if n.dtype == torch.float32 else n.float() for n in torch._foreach_sqrt(squares)]
     if all(t.dtype == torch.float32 and not t.is_sparse for t in tensors):
-        return list(torch._foreach_norm(list(tensors), 2)) if tensors else []
+        return list(torch._foreach_norm(list(tensors), 2))
     out: list[Tensor | None] = [None] * len(tensors)
     dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
     low = [i for i in dense if tensors[i].dtype in _LOW_PRECISION]
