@@ -64,7 +64,7 @@ from grad_callbacks import (  # noqa: E402
     ZeroGradCheck,
 )
 from grad_callbacks.demo import RUNS, ManualRegressor  # noqa: E402
-from grad_callbacks.plots import finding_markers  # noqa: E402
+from grad_callbacks.plots import draw_marker, finding_markers  # noqa: E402
 from grad_callbacks.sinks.events import read_audit_scalars  # noqa: E402
 from grad_callbacks.sinks.report import find_reports, load_report  # noqa: E402
 from grad_callbacks.sinks.tensorboard import FINDINGS_TAG, LAYOUT_TITLE  # noqa: E402
@@ -342,21 +342,8 @@ def _style(ax: Axes, title: str) -> None:
 
 def _mark_findings(ax: Axes, findings: Sequence[Finding], label: bool) -> None:
     """The dashed lines of ``grad-audit report --plot``: warning and error findings."""
-    colors = {"error": "tab:red", "warning": "tab:orange"}
     for m in finding_markers(findings):
-        ax.axvline(m.step, color=colors[m.severity], linestyle="--", linewidth=1.0)
-        if label:
-            ax.annotate(
-                m.label,
-                xy=(m.step, 1.0),
-                xycoords=("data", "axes fraction"),
-                xytext=(3, -3),
-                textcoords="offset points",
-                rotation=90,
-                va="top",
-                fontsize=7,
-                color=colors[m.severity],
-            )
+        draw_marker(ax, m, annotate=label)
 
 
 def draw_custom_scalars(run: RunData, path: Path) -> Path:

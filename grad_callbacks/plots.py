@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from grad_callbacks.findings import SEVERITY_RANK, Finding
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 #: Severities that get a vertical marker (info findings are not alarms).
@@ -51,6 +52,26 @@ class Marker:
     def label(self) -> str:
         """The text shown next to the line."""
         return ", ".join(self.codes)
+
+
+def draw_marker(ax: Axes, marker: Marker, *, annotate: bool, legend: bool = False) -> None:
+    """Draw ``marker`` on ``ax``: a dashed vertical line in its severity's colour, with its codes
+    written along it when ``annotate``, and a legend entry when ``legend``."""
+    color = _COLORS[marker.severity]
+    label = f"{marker.label} @ step {marker.step}" if legend else None
+    ax.axvline(marker.step, color=color, linestyle="--", linewidth=1.0, label=label)
+    if annotate:
+        ax.annotate(
+            marker.label,
+            xy=(marker.step, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            rotation=90,
+            va="top",
+            fontsize=7,
+            color=color,
+        )
 
 
 def finding_markers(findings: Iterable[Finding]) -> list[Marker]:
@@ -124,25 +145,7 @@ def build_figure(
         ax.set_title(tag.removeprefix(_AUDIT_PREFIX), fontsize=8, loc="left")
         ax.grid(alpha=0.3)
         for m in markers:
-            ax.axvline(
-                m.step,
-                color=_COLORS[m.severity],
-                linestyle="--",
-                linewidth=1.0,
-                label=f"{m.label} @ step {m.step}",
-            )
-            if i % nrows == 0:
-                ax.annotate(
-                    m.label,
-                    xy=(m.step, 1.0),
-                    xycoords=("data", "axes fraction"),
-                    xytext=(3, -3),
-                    textcoords="offset points",
-                    rotation=90,
-                    va="top",
-                    fontsize=7,
-                    color=_COLORS[m.severity],
-                )
+            draw_marker(ax, m, annotate=i % nrows == 0, legend=True)
     for c in range(ncols):
         grid[nrows - 1, c].set_xlabel("global step")
         grid[nrows - 1, c].xaxis.set_tick_params(labelbottom=True)
