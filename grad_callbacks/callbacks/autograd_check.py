@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.recompute import isolated, untraced
+from grad_callbacks.callbacks.recompute import isolated
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.gradcheck import (
     CallRecorder,
@@ -256,7 +256,6 @@ class AutogradCheck(AuditCallback):
             self._functions = []
             self._compiled_graph = False
 
-    @untraced
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:

@@ -295,7 +295,7 @@ class AuditCallback(pl.Callback):
             self._is_leader = self._owner is None and _first_audit_callback(trainer) is self
             sharded = sharded_strategy(trainer)
             self._inactive = sharded is not None and self.needs_whole_gradients
-            if sharded is not None and self.needs_whole_gradients:
+            if self._inactive:
                 self.skip(
                     f"the {sharded} strategy shards parameters and gradients across processes, "
                     f"and {self.check_name} needs whole gradients on every process; it runs "

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.recompute import RngState, capture_rng, isolated, untraced
+from grad_callbacks.callbacks.recompute import RngState, capture_rng, isolated
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.diagnosis import (
     MISMATCH_TOL,
@@ -268,7 +268,6 @@ class PerSampleGradientCheck(AuditCallback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window, self._window_step = [], None
 
-    @untraced
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:

@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,28 +50,6 @@ from grad_callbacks.core.per_sample import run_eagerly
 from grad_callbacks.core.state import restored_state
 
 _METRIC_ATTRS = ("_update_count", "_computed", "_forward_cache", "_update_called")
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def untraced(fn: _F) -> _F:
-    """``fn`` runs as plain Python even when called from ``torch.compile``d code.
-
-    Lightning runs a LightningModule passed to ``fit`` compiled through its ``training_step``;
-    in manual optimization that is where ``manual_backward`` and ``opt.step()`` call the
-    callbacks' ``on_before_backward``, ``on_after_backward`` and ``on_before_optimizer_step``.
-    Dynamo would trace those hooks (and the code they call: graph walks, recomputations,
-    ``time.perf_counter``) into graphs of their own, with warnings and graph breaks.
-    ``torch.compiler.disable`` keeps them and everything they call eager (about 1 us a call).
-
-    Example:
-        >>> @untraced
-        ... def hook(x: int) -> int:
-        ...     return x + 1
-        >>> hook(1)
-        2
-    """
-    return torch.compiler.disable(fn)  # type: ignore[return-value]
 
 
 def training_step_compiled(module: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.recompute import training_step_compiled, untraced
+from grad_callbacks.callbacks.recompute import training_step_compiled
 from grad_callbacks.core.ledger import GradientLedger, StepAudit
 from grad_callbacks.findings import CODES, make_finding, name_list
 
@@ -80,7 +80,6 @@ class ZeroGradCheck(AuditCallback):
         if self._ledger is not None:
             self._ledger.refresh()
 
-    @untraced
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
