@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
@@ -42,7 +42,7 @@ from grad_callbacks.callbacks.distributed import (
     sharded_strategy,
 )
 from grad_callbacks.core.budget import OverheadBudget
-from grad_callbacks.core.norms import grad_norms
+from grad_callbacks.core.norms import NormFn, grad_norms
 from grad_callbacks.findings import (
     SEVERITY_RANK,
     Finding,
@@ -113,7 +113,7 @@ class AuditCallback(pl.Callback):
         self._held: Finding | Exception | None = None  # an error waiting for the other ranks
         self._in_hook = False
         #: Per-tensor gradient L2 norms; GradientAudit shares one pass among its checks.
-        self.norm_fn: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] = grad_norms
+        self.norm_fn: NormFn = grad_norms
 
     # ------------------------------------------------------------------ identity and state
     def settings(self) -> dict[str, Any]:

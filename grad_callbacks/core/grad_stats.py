@@ -46,12 +46,9 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from grad_callbacks.core.norms import grad_norms
-
-NormFn = Callable[[Sequence[Tensor]], list[Tensor]]
+from grad_callbacks.core.norms import LOW_PRECISION, NormFn, grad_norms
 
 _NO_STEP = -1
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -334,7 +331,7 @@ class LocalGradProbe:
             if not grad.numel():
                 return
             with torch.no_grad():
-                dtype = torch.float32 if grad.dtype in _LOW_PRECISION else None
+                dtype = torch.float32 if grad.dtype in LOW_PRECISION else None
                 norm = torch.linalg.vector_norm(grad.detach(), 2, dtype=dtype)
             prev = self._norms.get(key)
             self._norms[key] = norm if prev is None else prev + norm

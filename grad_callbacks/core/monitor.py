@@ -34,15 +34,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from grad_callbacks.core.norms import grad_norms
+from grad_callbacks.core.norms import NormFn, grad_norms
 
-NormFn = Callable[[Sequence[Tensor]], list[Tensor]]
 # Fields of a histogram row before the bucket counts.
 _NUM, _NONFINITE, _MIN, _MAX, _SUM, _SUMSQ = range(6)
 _HEAD = 6

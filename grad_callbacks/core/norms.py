@@ -20,12 +20,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: A function giving per-tensor L2 norms, as :func:`grad_norms` (or a cache's ``norms``).
+NormFn = Callable[[Sequence[Tensor]], list[Tensor]]
+
+#: Dtypes reduced in float32 (their own range and precision are too small for a norm).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 _BLAS = (torch.float32, torch.float64)
 _BLAS_MIN_NUMEL = 1 << 20
 
@@ -56,8 +60,8 @@ def grad_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
         return list(torch._foreach_norm(list(tensors), 2))
     out: list[Tensor | None] = [None] * len(tensors)
     dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
-    low = [i for i in dense if tensors[i].dtype in _LOW_PRECISION]
-    rest = [i for i in dense if tensors[i].dtype not in _LOW_PRECISION]
+    low = [i for i in dense if tensors[i].dtype in LOW_PRECISION]
+    rest = [i for i in dense if tensors[i].dtype not in LOW_PRECISION]
     for i, t in enumerate(tensors):
         if t.is_sparse:
             out[i] = torch.linalg.vector_norm(t.coalesce().values(), dtype=torch.float32)
