@@ -7,9 +7,20 @@ optimization ``training_step`` even steps the optimizers. :func:`isolated` undoe
 all of them:
 
 * ``self.log`` / ``self.log_dict`` are muted (instance attributes shadowing the methods, removed
-  afterwards); with ``trainer`` given, ``manual_backward``, the optimizer toggles and
-  ``clip_gradients`` do nothing and ``optimizers()`` / ``lr_schedulers()`` return stand-ins whose
-  ``step`` and ``zero_grad`` do nothing;
+  afterwards);
+* with a trainer (the one given, else the one the module is attached to), nothing is stepped or
+  cleared: ``manual_backward``, the module's ``zero_grad``, the optimizer toggles and
+  ``clip_gradients`` do nothing, ``optimizers()`` / ``lr_schedulers()`` return stand-ins whose
+  ``step`` and ``zero_grad`` do nothing, and the real objects, however the step reaches them
+  (``self.trainer.optimizers[i]``, the ``LightningOptimizer`` wrappers in
+  ``trainer.strategy._lightning_optimizers``, ``self.trainer.lr_scheduler_configs[i].scheduler``,
+  an optimizer kept in an attribute), get the same inert ``step`` / ``zero_grad`` as instance
+  attributes, their own ones put back exactly afterwards; values written into the optimizers'
+  ``param_groups`` (a hand-made learning-rate schedule) are put back too;
+* a raw ``loss.backward()`` (or ``torch.autograd.backward``) in the block never reaches the live
+  parameters: it accumulates only into the other leaves of its graph (a tensor the step made
+  itself, the detached copies a check differentiates), and does nothing when the live parameters
+  are its only leaves; other threads are not affected;
 * the torch (CPU and CUDA), Python and NumPy random number generators are forked, and the torch
   ones can be set to a state captured earlier with :func:`capture_rng` (so the recomputation
   draws the same dropout masks as the step it reproduces);
@@ -21,9 +32,13 @@ all of them:
   replaces or warms up the training graph.
 
 Python attributes the user's ``training_step`` changes by itself (a counter, say) cannot be
-restored in general: keep ``training_step`` free of such side effects. (A ``per_sample_loss``
-spares the per-sample passes, but the batch gradient and the ``grad-mismatch`` replay still run
-``training_step``.)
+restored in general: keep ``training_step`` free of such side effects. Nor are writes to ``.grad``
+that bypass autograd and the optimizers (``torch.nn.utils.clip_grad_norm_`` called directly
+instead of ``self.clip_gradients``, ``p.grad.zero_()``, a submodule's ``zero_grad()``) or steps
+through a bound method kept from before (``self.step = opt.step``) intercepted: the
+recomputation would run them on the live gradients and optimizers.
+(A ``per_sample_loss`` spares the per-sample passes, but the batch gradient and the
+``grad-mismatch`` replay still run ``training_step``.)
 
 Example:
     >>> import torch
@@ -37,8 +52,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import random
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +159,7 @@ def _stand_ins(trainer: Any | None) -> dict[str, Any]:
         schedulers = [_StubScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
         stubs.update(
             manual_backward=_noop,
+            zero_grad=_noop,
             toggle_optimizer=_noop,
             untoggle_optimizer=_noop,
             toggled_optimizer=_noop_context,
@@ -151,22 +170,210 @@ def _stand_ins(trainer: Any | None) -> dict[str, Any]:
     return stubs
 
 
-@contextmanager
-def stood_in(module: nn.Module, trainer: Any | None = None) -> Iterator[None]:
-    """Mute ``self.log`` / ``self.log_dict`` (and, with ``trainer``, the optimizer methods).
+def _inert_step(closure: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """Stands in for a real optimizer's or scheduler's ``step``: calls a closure, steps nothing.
 
-    Any instance attribute of the same name that existed before is put back afterwards.
+    A scheduler's ``step(metrics)`` passes a number, not a closure: it is ignored.
     """
-    stubs = _stand_ins(trainer)
-    own = module.__dict__
-    saved = {k: own[k] for k in stubs if k in own}
-    own.update(stubs)
+    return closure() if callable(closure) else None
+
+
+@contextmanager
+def _shadowed(objects: Iterable[Any], stubs: dict[str, Any]) -> Iterator[None]:
+    """Instance attributes ``stubs`` on every object, each object's own ones put back after.
+
+    The instance dictionary is written directly (no ``__setattr__``), and an attribute the object
+    had of its own (the ``step`` that an ``LRScheduler`` wraps onto its optimizer) is put back as
+    the very same object. Objects without an instance dictionary are left alone.
+    """
+    saved: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    seen: set[int] = set()
+    try:
+        for obj in objects:
+            own = getattr(obj, "__dict__", None)
+            if id(obj) in seen or not isinstance(own, dict):
+                continue
+            seen.add(id(obj))
+            saved.append((own, {k: own[k] for k in stubs if k in own}))
+            own.update(stubs)
+        yield
+    finally:
+        for own, before in saved:
+            for k in stubs:
+                own.pop(k, None)
+            own.update(before)
+
+
+def _same_items(a: Iterable[Any], b: Iterable[Any]) -> bool:
+    """Whether two collections hold the very same objects in the same order."""
+    a, b = list(a), list(b)
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+@contextmanager
+def _restored_param_groups(optimizers: Iterable[Any]) -> Iterator[None]:
+    """Put back every value of every param group (``lr``, ``momentum``, ...) that the block
+    replaced, and the groups themselves; groups left as they were are not written to."""
+    found = {id(o): getattr(o, "param_groups", None) for o in optimizers}
+    saved = [
+        (groups, list(groups), [dict(g) for g in groups])
+        for groups in found.values()
+        if isinstance(groups, list) and all(isinstance(g, dict) for g in groups)
+    ]
     try:
         yield
     finally:
-        for k in stubs:
-            own.pop(k, None)
-        own.update(saved)
+        for groups, members, values in saved:
+            if not _same_items(groups, members):
+                groups[:] = members
+            for group, before in zip(members, values, strict=True):
+                keys_kept = group.keys() == before.keys()
+                if not (keys_kept and _same_items(group.values(), before.values())):
+                    group.clear()
+                    group.update(before)
+
+
+@contextmanager
+def _inert_optimizers(trainer: Any) -> Iterator[None]:
+    """The trainer's real optimizers, their ``LightningOptimizer`` wrappers and its schedulers
+    step and clear nothing, however the block reaches them."""
+    optimizers = list(getattr(trainer, "optimizers", None) or ())
+    wrappers = list(getattr(getattr(trainer, "strategy", None), "_lightning_optimizers", ()))
+    schedulers = [c.scheduler for c in getattr(trainer, "lr_scheduler_configs", None) or ()]
+    raw = [getattr(o, "_optimizer", o) for o in optimizers + wrappers]
+    with (
+        _shadowed([*optimizers, *wrappers, *raw], {"step": _inert_step, "zero_grad": _noop}),
+        _shadowed(schedulers, {"step": _noop}),
+        _restored_param_groups(raw),
+    ):
+        yield
+
+
+@contextmanager
+def stood_in(module: nn.Module, trainer: Any | None = None) -> Iterator[None]:
+    """Mute ``self.log`` / ``self.log_dict``; with ``trainer``, also every route to its
+    optimizers and schedulers (the module's optimizer methods and the real objects).
+
+    Any instance attribute of the same name that existed before is put back afterwards.
+    """
+    with ExitStack() as stack:
+        stack.enter_context(_shadowed([module], _stand_ins(trainer)))
+        if trainer is not None:
+            stack.enter_context(_inert_optimizers(trainer))
+        yield
+
+
+# ---------------------------------------------------------------- raw backward passes
+_guard_local = threading.local()
+_guard_lock = threading.Lock()
+_guard_users = 0
+_guard_saved: Any = None
+_GradientEdge: Any = getattr(torch.autograd.graph, "GradientEdge", ())  # a NamedTuple
+
+
+def _protected_now() -> set[int] | None:
+    """The ids of the live leaves this thread's open :func:`isolated` blocks protect."""
+    stack: list[set[int]] | None = getattr(_guard_local, "stack", None)
+    if not stack:
+        return None
+    return set().union(*stack)
+
+
+def _as_list(tensors: Any) -> list[Any]:
+    if tensors is None:
+        return []
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if isinstance(tensors, dict):
+        return list(tensors.values())
+    if isinstance(tensors, _GradientEdge):
+        return [tensors]
+    return list(tensors)
+
+
+def _graph_leaves(roots: list[Any]) -> list[torch.Tensor]:
+    """The leaf tensors a backward pass from ``roots`` (tensors or gradient edges) reaches."""
+    leaves: list[torch.Tensor] = []
+    nodes: list[Any] = []
+    for root in roots:
+        if isinstance(root, torch.Tensor):
+            if root.grad_fn is None:
+                if root.requires_grad:
+                    leaves.append(root)
+                continue
+            nodes.append(root.grad_fn)
+        else:
+            nodes.append(root.node)
+    seen: dict[int, Any] = {}  # holds the nodes, so that their ids stay unique
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _edge_variable(item: Any) -> Any:
+    return item if isinstance(item, torch.Tensor) else getattr(item.node, "variable", None)
+
+
+def _guarded_backward(original: Any) -> Any:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def backward(*args: Any, **kwargs: Any) -> Any:
+        protected = _protected_now()
+        if protected is None:  # another thread, or no isolated block open
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        given = _as_list(bound.arguments.get("inputs"))
+        candidates = given or _graph_leaves(_as_list(bound.arguments["tensors"]))
+        allowed = [c for c in candidates if id(_edge_variable(c)) not in protected]
+        if len(allowed) == len(candidates):
+            return original(*args, **kwargs)  # nothing live reached: unchanged, errors included
+        if not allowed:
+            return None
+        bound.arguments["inputs"] = allowed
+        return original(*bound.args, **bound.kwargs)
+
+    return backward
+
+
+@contextmanager
+def _live_grads_guarded(module: nn.Module, trainer: Any | None) -> Iterator[None]:
+    """A backward pass run in this thread during the block leaves out the module's parameters
+    and the trainer's optimizers' parameters: their ``.grad`` and hooks are never reached.
+
+    ``Tensor.backward`` calls ``torch.autograd.backward`` through the module attribute, so
+    replacing that attribute for the block covers both.
+    """
+    global _guard_users, _guard_saved
+    live = {id(p) for p in module.parameters()}
+    for opt in getattr(trainer, "optimizers", None) or ():
+        for group in getattr(opt, "param_groups", None) or ():
+            live.update(id(p) for p in group.get("params", ()))
+    with _guard_lock:
+        if _guard_users == 0:
+            _guard_saved = torch.autograd.backward
+            torch.autograd.backward = _guarded_backward(_guard_saved)
+        _guard_users += 1
+    stack: list[set[int]] | None = getattr(_guard_local, "stack", None)
+    if stack is None:
+        stack = _guard_local.stack = []
+    stack.append(live)
+    try:
+        yield
+    finally:
+        stack.pop()
+        with _guard_lock:
+            _guard_users -= 1
+            if _guard_users == 0:
+                torch.autograd.backward = _guard_saved
+                _guard_saved = None
 
 
 def _copy_state(value: Any) -> Any:
@@ -231,9 +438,12 @@ def isolated(
         module: the LightningModule (or any module) whose state must not change.
         rng_state: when given, the torch generators are set to it inside the block (they are
             restored to their state before the block either way).
-        trainer: when given, the optimizer-facing methods are stood in for too (needed to run
-            a manual-optimization ``training_step`` again).
+        trainer: whose optimizers and schedulers the block must not step or clear (needed to run
+            a manual-optimization ``training_step`` again); by default the trainer the module is
+            attached to, if any.
     """
+    if trainer is None:
+        trainer = getattr(module, "_trainer", None)
     cuda_in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
     devices = list(range(torch.cuda.device_count())) if cuda_in_use else []
     with ExitStack() as stack:
@@ -241,6 +451,7 @@ def isolated(
         stack.enter_context(restored_state(module))
         stack.enter_context(_restored_metrics(module))
         stack.enter_context(stood_in(module, trainer))
+        stack.enter_context(_live_grads_guarded(module, trainer))
         stack.enter_context(_forked_host_rng())
         stack.enter_context(torch.random.fork_rng(devices=devices, enabled=True))
         if rng_state is not None:

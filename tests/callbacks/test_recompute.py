@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 import torchmetrics
 from torch import nn
 
+from grad_callbacks import GradientAudit
+from grad_callbacks.callbacks.autograd_check import AutogradCheck
+from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.recompute import capture_rng, isolated
 from tests import zoo
+
+_ORIGINAL_BACKWARD = torch.autograd.backward
 
 
 class Busy(L.LightningModule):
@@ -95,3 +102,253 @@ def test_isolated_in_a_real_run_keeps_logged_metrics() -> None:
     (p0, m0), (p1, m1) = results
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
     assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
+
+
+# ------------------------------------------------------------------ the optimizers' other doors
+# A manual-optimization training_step may reach the optimizers and schedulers without
+# self.optimizers() / self.lr_schedulers(), or call loss.backward() instead of
+# self.manual_backward(loss). Recomputing it (AutogradCheck does, from on_train_batch_end, when
+# the loss goes through a custom autograd.Function; PerSampleGradientCheck does in automatic
+# optimization) must step nothing, clear nothing and write no .grad.
+class _Square(torch.autograd.Function):
+    """A custom Function: it makes AutogradCheck (in GradientAudit()) recompute training_step."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * grad * x
+
+
+class _Manual(L.LightningModule):
+    """Manual optimization that reaches the optimizer through ``route`` (see training_step)."""
+
+    def __init__(self, route: str) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.route = route
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(_Square.apply(self.net(x)), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self.loss(batch)
+        real = self.trainer.optimizers[0]
+        if self.route == "trainer.optimizers zero_grad":
+            # Accumulates two batches; clears at the first of each pair.
+            if batch_idx % 2 == 0:
+                real.zero_grad()
+            self.manual_backward(loss)
+            if batch_idx % 2 == 1:
+                self.optimizers().step()
+        elif self.route == "trainer.optimizers step":
+            self.manual_backward(loss)
+            real.step()
+            real.zero_grad(set_to_none=False)  # Adam moves on zero gradients (momentum)
+        elif self.route == "strategy._lightning_optimizers zero_grad":
+            wrapper = self.trainer.strategy._lightning_optimizers[0]
+            if batch_idx % 2 == 0:
+                wrapper.zero_grad()
+            self.manual_backward(loss)
+            if batch_idx % 2 == 1:
+                wrapper.step()
+        elif self.route == "strategy._lightning_optimizers step":
+            # Lightning's wrapper runs the callbacks' on_before_optimizer_step: none may re-run.
+            wrapper = self.trainer.strategy._lightning_optimizers[0]
+            self.manual_backward(loss)
+            wrapper.step()
+            wrapper.zero_grad()
+        elif self.route == "module zero_grad":
+            if batch_idx % 2 == 0:
+                self.zero_grad()
+            self.manual_backward(loss)
+            if batch_idx % 2 == 1:
+                self.optimizers().step()
+        elif self.route == "trainer.lr_scheduler_configs step":
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            self.trainer.lr_scheduler_configs[0].scheduler.step()
+        elif self.route == "param_groups written":
+            if batch_idx == 0:
+                for group in real.param_groups:
+                    group["lr"] *= 0.5  # a hand-made schedule, written in place
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        elif self.route == "raw backward":
+            if batch_idx % 2 == 0:
+                real.zero_grad()
+            loss.backward()
+            if batch_idx % 2 == 1:
+                real.step()
+        else:  # pragma: no cover - a typo in a test
+            raise ValueError(self.route)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+
+
+class _AutomaticScheduler(L.LightningModule):
+    """Automatic optimization whose training_step steps the scheduler itself (per batch)."""
+
+    def __init__(self, via_trainer: bool) -> None:
+        super().__init__()
+        self.via_trainer = via_trainer
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if batch_idx > 0:
+            sched = self.trainer.lr_scheduler_configs[0].scheduler
+            (sched if self.via_trainer else self.lr_schedulers()).step()
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bitwise equality of nested state (tensors compared with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+class _StepHooks(L.Callback):
+    """Records the global step of every on_before_optimizer_step call."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, opt: Any) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def _outcome(make: Any, callbacks: list[L.Callback]) -> dict[str, Any]:
+    """Train a fresh module for 4 steps and return everything that must not change."""
+    torch.manual_seed(0)
+    module = make()
+    hooks = _StepHooks()
+    trainer = zoo.fit(module, [*callbacks, hooks], data=zoo.regression_data(n=16), max_steps=4)
+    return {
+        "step hooks": hooks.steps,
+        "params": zoo.params_of(module),
+        "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+        "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        "global_step": trainer.global_step,
+    }
+
+
+def _assert_untouched(make: Any, callbacks: list[L.Callback]) -> list[L.Callback]:
+    alone = _outcome(make, [])
+    audited = _outcome(make, callbacks)
+    for key, value in alone.items():
+        assert _same(value, audited[key]), f"{key} differ with {callbacks}"
+    return callbacks
+
+
+_MANUAL_ROUTES = [
+    "trainer.optimizers zero_grad",
+    "trainer.optimizers step",
+    "strategy._lightning_optimizers zero_grad",
+    "strategy._lightning_optimizers step",
+    "module zero_grad",
+    "trainer.lr_scheduler_configs step",
+    "param_groups written",
+]
+
+
+@pytest.mark.parametrize("route", _MANUAL_ROUTES)
+def test_manual_training_step_recomputed_by_the_audit_changes_nothing(route: str) -> None:
+    callbacks = _assert_untouched(lambda: _Manual(route), [GradientAudit(on_finding="log")])
+    autograd = next(c for c in callbacks[0].checks if isinstance(c, AutogradCheck))
+    assert autograd.recomputations >= 1  # the route was really taken again by the audit
+
+
+def test_manual_training_step_with_raw_backward_recomputed_changes_nothing() -> None:
+    # A raw backward hides the custom Function from on_before_backward: name a module instead.
+    # The recomputation runs under no_grad, so the backward raises there; either way the
+    # optimizer step after it must stay inert.
+    check = AutogradCheck(modules=["net.0"], on_finding="log")
+    _assert_untouched(lambda: _Manual("raw backward"), [check])
+    assert check.recomputations >= 1
+
+
+@pytest.mark.parametrize("via_trainer", [False, True])
+def test_automatic_scheduler_step_in_training_step_is_not_replayed(via_trainer: bool) -> None:
+    check = PerSampleGradientCheck(every_n_steps=1, on_finding="log")
+    _assert_untouched(lambda: _AutomaticScheduler(via_trainer), [check])
+    assert check.steps_checked == 4
+    assert not [f for f in check.findings if f.code == "check-skipped"]
+
+
+def test_raw_backward_in_isolated_never_reaches_the_live_grad() -> None:
+    module = _Manual("raw backward")
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    module.loss((x, y)).backward()
+    live = {k: p.grad for k, p in module.named_parameters()}
+    values = {k: g.clone() for k, g in live.items()}
+    hooked: list[str] = []
+    for name, p in module.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _p, name=name: hooked.append(name))
+    leaf = torch.ones(4, 8, requires_grad=True)
+
+    with isolated(module):
+        module.loss((x, y)).backward()  # the live parameters are left out
+        module.loss((leaf * x, y)).backward()  # ... but a leaf of the step's own gets its grad
+        torch.autograd.backward([module.loss((x, y))])
+        module.loss((x, y)).backward(inputs=[module.net[0].weight])
+
+    assert hooked == []
+    for name, p in module.named_parameters():
+        assert p.grad is live[name] and torch.equal(p.grad, values[name]), name
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    assert torch.autograd.backward is _ORIGINAL_BACKWARD
+
+
+def test_real_optimizers_and_schedulers_are_put_back_exactly_even_on_error() -> None:
+    module = _Manual("trainer.optimizers step")
+    trainer = zoo.fit(module, [], data=zoo.regression_data(n=8), max_steps=1)
+    raw = trainer.optimizers[0]
+    wrapper = trainer.strategy._lightning_optimizers[0]
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    # LRScheduler patches the optimizer's step on the instance: that patch must survive.
+    objects = (raw, wrapper, sched)
+    before = [dict(vars(o)) for o in objects]
+    groups = [dict(g) for g in raw.param_groups]
+    params = zoo.params_of(module)
+    state = copy.deepcopy(raw.state_dict())
+
+    with pytest.raises(RuntimeError, match="boom"), isolated(module, trainer=trainer):
+        for opt in (raw, wrapper):
+            opt.zero_grad()
+            opt.step()
+        sched.step()
+        raw.param_groups[0]["lr"] = 123.0
+        raw.param_groups[0]["extra"] = 1
+        raise RuntimeError("boom")
+
+    for obj, attrs in zip(objects, before, strict=True):
+        assert vars(obj).keys() == attrs.keys()
+        assert all(vars(obj)[k] is v for k, v in attrs.items())
+    assert [dict(g) for g in raw.param_groups] == groups
+    assert _same(zoo.params_of(module), params)
+    assert _same(raw.state_dict(), state)
+    assert all(p.grad is not None for p in module.parameters())
+    assert torch.autograd.backward is _ORIGINAL_BACKWARD
