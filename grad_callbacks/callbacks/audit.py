@@ -21,13 +21,19 @@ from typing import Any
 import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.autograd_check import AutogradCheck
-from grad_callbacks.callbacks.base import CALLBACK_HOOKS, AuditCallback, OnFinding, audit_hook
+from grad_callbacks.callbacks.base import (
+    CALLBACK_HOOKS,
+    AuditCallback,
+    OnFinding,
+    _Timer,
+    audit_hook,
+)
 from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
-from grad_callbacks.core.budget import OverheadBudget
+from grad_callbacks.core.budget import OverheadBudget, WatchWindows
 from grad_callbacks.core.norms import NormCache
 from grad_callbacks.findings import Finding
 
@@ -51,16 +57,33 @@ _BASE_HOOKS = {
     "on_fit_end",
     "on_exception",
 }
-# Hooks GradientAudit defines itself (they time the batch around the checks' own hooks).
+# Hooks GradientAudit defines itself (they time the batch around the checks' own hooks;
+# on_train_start and on_before_optimizer_step are its own too).
 _TIMING_HOOKS = {"on_train_batch_start", "on_train_batch_end"}
 _HOOKS = [
     name
     for name in CALLBACK_HOOKS
-    if name not in _TIMING_HOOKS and name != "on_before_optimizer_step"
+    if name not in _TIMING_HOOKS and name not in ("on_before_optimizer_step", "on_train_start")
 ]
 
 #: Share of the overhead budget given to each expensive periodic check.
-BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.7}
+BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.6}
+#: Share of the overhead budget given to the checks that work at every step (those with
+#: ``watches_steps``: ZeroGradCheck, GradientSanityCheck). The rest is left to the cheap
+#: periodic checks and to calling the checks' hooks.
+WATCH_SHARE = 0.25
+#: Optimizer steps per watch window (at least twice a GradientSanityCheck's patience).
+WATCH_WINDOW_STEPS = 8
+# Per-batch hooks not called on a check while it is not watching.
+_WATCHED_HOOKS = frozenset(
+    {
+        "on_train_batch_start",
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_before_zero_grad",
+    }
+)
 
 #: Settings GradientAudit gives a check it builds when the user passes no every_n_steps.
 #: GradientSanityCheck reads its device accumulators every 50 steps instead of every step (the
@@ -79,8 +102,13 @@ class GradientAudit(AuditCallback):
         on_finding: passed to the checks built here.
         max_overhead: the share of training wall time the checks may take (default 3%). The
             expensive periodic checks run at the first step and then as often as their share
-            of it allows, never more often than their ``every_n_steps``; None turns the budget
-            off (plain ``every_n_steps`` schedules). The report states the measured overhead.
+            of it allows, never more often than their ``every_n_steps``; the checks that work
+            at every step (``ZeroGradCheck``, ``GradientSanityCheck``) watch every batch when
+            their share allows it, else windows of consecutive batches (the first from the
+            first batch), spaced to stay within their share. None turns the budget off (plain
+            ``every_n_steps`` schedules, every batch watched); so does
+            ``on_finding="raise"`` for the watching (training must stop at the bad step).
+            The report states the measured overhead and the share of batches watched.
     """
 
     check_name = "GradientAudit"
@@ -98,7 +126,9 @@ class GradientAudit(AuditCallback):
         super().__init__(every_n_steps=every_n_steps or 1, on_finding=on_finding)
         self.max_overhead = max_overhead
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
-        self._batch_started: tuple[float, float] | None = None
+        self._batch_started: tuple[float, float, float] | None = None
+        self._own_seconds = 0.0  # in this callback's hooks, its checks' included
+        self._batches = 0
         self._every_n_steps_given = every_n_steps
         # One pass of gradient norms per optimizer step for the checks that read them.
         self._norm_cache = NormCache()
@@ -120,6 +150,27 @@ class GradientAudit(AuditCallback):
                 check.budget, check.budget_share = self.budget, BUDGET_SHARES[check.check_name]
             built.append(check)
         self.checks: list[AuditCallback] = built
+        self._watchers = [c for c in built if c.watches_steps]
+        # Checks whose work the budget schedules (the rest of the audit's time is fixed cost).
+        self._scheduled = [c for c in built if c.watches_steps or c.budget is not None]
+        #: Which batches the watching checks watch (None: all of them).
+        self.watch_windows: WatchWindows | None = None
+        if self.budget is not None and on_finding != "raise" and self._watchers:
+            self.watch_windows = WatchWindows(self.budget, WATCH_SHARE, WATCH_WINDOW_STEPS)
+        self._accumulate = 1
+        # Per hook, the checks that do something in it (the others are not called), with the
+        # hook's body: this callback's own hook wrapper already did what the checks' wrappers
+        # would (see _call).
+        self._targets = {
+            name: [(c, _body(c, name)) for c in built if _implements(c, name)]
+            for name in CALLBACK_HOOKS
+        }
+        # Checks whose on_train_batch_end is the base class's: it only flushes their scalars.
+        base_end = AuditCallback.on_train_batch_end.__wrapped__  # type: ignore[attr-defined]
+        self._flushed_only = [c for c in built if _body(c, "on_train_batch_end") is base_end]
+        self._targets["on_train_batch_end"] = [
+            (c, body) for c, body in self._targets["on_train_batch_end"] if body is not base_end
+        ]
 
     @property
     def findings(self) -> list[Finding]:
@@ -147,32 +198,92 @@ class GradientAudit(AuditCallback):
             "checks": [c.check_name for c in self.checks],
         }
 
-    def _checks_seconds(self) -> float:
-        return sum(check.seconds_spent for check in self.checks)
+    @property
+    def audit_seconds(self) -> float:
+        """All the time the audit has taken so far: in its hooks (its checks' work and calling
+        them) and in the hooks its checks put on tensors and optimizers."""
+        return self._own_seconds + sum(check.outside_seconds for check in self.checks)
 
-    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
-        self._batch_started = (time.perf_counter(), self._checks_seconds())
-        for check in self.checks:
-            check.on_train_batch_start(*args, **kwargs)
+    def _own(self) -> _Timer:
+        return _Timer(self, "_own_seconds")
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Call hook ``name`` of every check that does something in it (and is watching).
+
+        A check's hook wrapper (:func:`~grad_callbacks.callbacks.base.audit_hook`) is skipped
+        unless the check is inactive: for a check inside this callback it would only repeat
+        what this callback's wrapper did (leave dynamo, agree with the other ranks).
+        """
+        for check, body in self._targets[name]:
+            if check.watching or name not in _WATCHED_HOOKS:
+                if check._inactive:
+                    getattr(check, name)(*args, **kwargs)
+                else:
+                    body(check, *args, **kwargs)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with self._own():
+            self._accumulate = max(1, int(trainer.accumulate_grad_batches))
+            if self.watch_windows is not None:
+                patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
+                steps = max(WATCH_WINDOW_STEPS, 2 * patience)
+                self.watch_windows.length = steps * self._accumulate
+            self._call("on_train_start", trainer, pl_module)
+            AuditCallback.on_train_start(self, trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        scheduled = sum(check.total_seconds for check in self._scheduled)
+        self._batch_started = (time.perf_counter(), self.audit_seconds, scheduled)
+        with self._own():
+            if self.watch_windows is not None:
+                self._choose_watching(batch_idx)
+            self._call("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+
+    def _choose_watching(self, batch_idx: int) -> None:
+        assert self.watch_windows is not None
+        spent = sum(check.total_seconds for check in self._watchers)
+        # A window opens where an accumulation window does, so that its first step's count of
+        # micro-batches is exact.
+        aligned = batch_idx % self._accumulate == 0
+        watch = self.watch_windows.watch(self._batches, spent, may_open=aligned)
+        self._batches += 1
+        for check in self._watchers:
+            if check.watching != watch:
+                check.start_watching() if watch else check.stop_watching()
 
     def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # The gradient norms are shared only within this hook call: the gradients do not change
         # between the checks' hooks, and no reference to them outlives it.
-        self._norm_cache.clear()
-        try:
-            for check in self.checks:
-                check.on_before_optimizer_step(*args, **kwargs)
-        finally:
+        with self._own():
             self._norm_cache.clear()
+            try:
+                self._call("on_before_optimizer_step", *args, **kwargs)
+            finally:
+                self._norm_cache.clear()
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        for check in self.checks:
-            check.on_train_batch_end(*args, **kwargs)
-        AuditCallback.on_train_batch_end(self, *args, **kwargs)
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        with self._own():
+            self._call("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+            # What the base class's hook does for a check inside a bundle, for the checks that
+            # have no hook of their own.
+            for check in self._flushed_only:
+                if check._pending_scalars:
+                    check._flush_scalars(trainer)
+            AuditCallback.on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx)
         if self.budget is not None and self._batch_started is not None:
-            started, checks_before = self._batch_started
-            checks = self._checks_seconds() - checks_before
-            self.budget.record_step(time.perf_counter() - started - checks, checks)
+            started, audit_before, scheduled_before = self._batch_started
+            spent = self.audit_seconds - audit_before
+            scheduled = sum(check.total_seconds for check in self._scheduled) - scheduled_before
+            self.budget.record_step(time.perf_counter() - started - spent, spent, scheduled)
             self._batch_started = None
             if self.wants_scalars():
                 self.queue_scalars({"overhead": self.budget.overhead})
@@ -184,6 +295,7 @@ class GradientAudit(AuditCallback):
     def report_extras(self) -> dict[str, Any]:
         if self.budget is None:
             return {}
+        windows = self.watch_windows
         return {
             "overhead": {
                 "max_overhead": self.max_overhead,
@@ -191,6 +303,8 @@ class GradientAudit(AuditCallback):
                 "check_seconds": round(self.budget.check_seconds, 6),
                 "train_seconds": round(self.budget.train_seconds, 6),
                 "steps": self.budget.steps,
+                "watched_share": round(windows.watched_share, 6) if windows else 1.0,
+                "watch_window_batches": windows.length if windows else None,
             }
         }
 
@@ -198,12 +312,23 @@ class GradientAudit(AuditCallback):
         """The checks gather their own findings; the bundle has none of its own."""
 
 
+def _implements(check: AuditCallback, name: str) -> bool:
+    """Whether the check's hook ``name`` does anything (Lightning's default does nothing)."""
+    return getattr(type(check), name) is not getattr(pl.Callback, name)
+
+
+def _body(check: AuditCallback, name: str) -> Callable[..., None]:
+    """The check's hook ``name`` without its :func:`audit_hook` wrapper."""
+    hook = getattr(type(check), name)
+    return getattr(hook, "__wrapped__", hook)
+
+
 def _forward(name: str) -> Callable[..., None]:
     def hook(self: GradientAudit, *args: Any, **kwargs: Any) -> None:
-        for check in self.checks:
-            getattr(check, name)(*args, **kwargs)
-        if name in _BASE_HOOKS:
-            getattr(AuditCallback, name)(self, *args, **kwargs)
+        with self._own():
+            self._call(name, *args, **kwargs)
+            if name in _BASE_HOOKS:
+                getattr(AuditCallback, name)(self, *args, **kwargs)
 
     hook.__name__ = name
     hook.__doc__ = f"Runs ``{name}`` of every check."

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -114,6 +113,8 @@ class AuditCallback(pl.Callback):
         self._in_hook = False
         #: Per-tensor gradient L2 norms; GradientAudit shares one pass among its checks.
         self.norm_fn: NormFn = grad_norms
+        #: Whether the check is watching the current batch (see :attr:`watches_steps`).
+        self.watching = True
 
     # ------------------------------------------------------------------ identity and state
     def settings(self) -> dict[str, Any]:
@@ -127,6 +128,20 @@ class AuditCallback(pl.Callback):
     #: Whether the check reads whole gradients (or runs the model outside the training step),
     #: so that it cannot run under a strategy that shards them (FSDP, DeepSpeed).
     needs_whole_gradients: ClassVar[bool] = True
+
+    #: Whether the check works at every step and can watch some batches only: GradientAudit's
+    #: overhead budget then has it watch windows of consecutive batches
+    #: (:class:`~grad_callbacks.core.budget.WatchWindows`), calling :meth:`stop_watching` and
+    #: :meth:`start_watching` between them and none of its per-batch hooks in the gaps.
+    watches_steps: ClassVar[bool] = False
+
+    def start_watching(self) -> None:
+        """Watch again after a gap, knowing nothing of the batches in it."""
+        self.watching = True
+
+    def stop_watching(self) -> None:
+        """Stop watching: drop per-batch hooks, read what was gathered."""
+        self.watching = False
 
     @property
     def state_key(self) -> str:
@@ -149,7 +164,7 @@ class AuditCallback(pl.Callback):
         return {
             "findings": self._log.state_dict(),
             "remote": {r: [f.to_dict() for f in fs] for r, fs in self._remote.items()},
-            "seconds_spent": self.seconds_spent,
+            "seconds_spent": self.total_seconds,
             "steps_checked": self.steps_checked,
             "extra": self.extra_state(),
         }
@@ -219,8 +234,7 @@ class AuditCallback(pl.Callback):
             )
         )
 
-    @contextmanager
-    def guarded(self, what: str) -> Iterator[None]:
+    def guarded(self, what: str) -> _Guard:
         """Run a check's body so that an unexpected error never breaks training.
 
         The error becomes a ``check-skipped`` finding, unless ``on_finding="raise"``, where it
@@ -233,31 +247,27 @@ class AuditCallback(pl.Callback):
             >>> check.findings[0].message
             'AuditCallback skipped: the comparison failed: ValueError: odd batch. Training goes on.'
         """
-        try:
-            yield
-        except GradientAuditError:
-            raise
-        except Exception as exc:
-            if self.on_finding == "raise":
-                if not is_distributed(self._trainer):
-                    raise
-                self._held = self._held or exc  # raised on every rank at the end of the hook
-                return
-            self.skip(f"{what} failed: {type(exc).__name__}: {exc}")
+        return _Guard(self, what)
 
     @property
     def current_step(self) -> int:
         """The trainer's global step (what ``self.log`` would stamp), 0 before fit."""
         return self._trainer.global_step if self._trainer is not None else 0
 
-    @contextmanager
-    def timed(self) -> Iterator[None]:
-        """Count the time spent inside the block as this check's time."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds_spent += time.perf_counter() - start
+    @property
+    def outside_seconds(self) -> float:
+        """Time spent so far in hooks the check put on tensors or optimizers, which autograd
+        and the optimizers call outside the check's Lightning hooks (not in :meth:`timed`)."""
+        return 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        """All the time the check has taken: its Lightning hooks' and :attr:`outside_seconds`."""
+        return self.seconds_spent + self.outside_seconds
+
+    def timed(self) -> _Timer:
+        """Count the time spent inside the block (a ``with`` statement) as this check's time."""
+        return _Timer(self)
 
     def wants_scalars(self) -> bool:
         """Whether this step's scalars are logged: the Trainer's ``log_every_n_steps`` cadence."""
@@ -367,10 +377,10 @@ class AuditCallback(pl.Callback):
         findings first, so rank 0's report names the finding and its rank.
         """
         trainer = self._trainer
-        if self._owner is not None or not is_distributed(trainer):
+        if self._owner is not None:
             return
         checks = self._agreeing_checks()
-        if not any(c.on_finding == "raise" for c in checks):
+        if not any(c.on_finding == "raise" for c in checks) or not is_distributed(trainer):
             return
         assert trainer is not None
         held = next((c._held for c in checks if c._held is not None), None)
@@ -448,9 +458,54 @@ class AuditCallback(pl.Callback):
             "state_key": self.state_key,
             "settings": self.settings(),
             "steps_checked": self.steps_checked,
-            "seconds": round(self.seconds_spent, 6),
+            "seconds": round(self.total_seconds, 6),
             "findings": [f.to_dict() for f in findings],
         }
+
+
+# The two context managers every hook enters, as classes: a generator-based @contextmanager
+# costs several times more per use, and hooks use them tens of times per training step.
+class _Timer:
+    """Adds the time spent in the block to ``owner.<attribute>``."""
+
+    __slots__ = ("_attribute", "_owner", "_start")
+
+    def __init__(self, owner: object, attribute: str = "seconds_spent") -> None:
+        self._owner = owner
+        self._attribute = attribute
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        spent = time.perf_counter() - self._start
+        setattr(self._owner, self._attribute, getattr(self._owner, self._attribute) + spent)
+
+
+class _Guard:
+    __slots__ = ("_check", "_what")
+
+    def __init__(self, check: AuditCallback, what: str) -> None:
+        self._check = check
+        self._what = what
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        if kind is None or not isinstance(exc, Exception) or isinstance(exc, GradientAuditError):
+            return False
+        check = self._check
+        if check.on_finding == "raise":
+            if not is_distributed(check._trainer):
+                return False
+            check._held = check._held or exc  # raised on every rank at the end of the hook
+            return True
+        check.skip(f"{self._what} failed: {type(exc).__name__}: {exc}")
+        return True
 
 
 def run_log_dir(trainer: pl.Trainer) -> str:

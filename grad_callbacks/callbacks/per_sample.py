@@ -216,6 +216,8 @@ class PerSampleGradientCheck(AuditCallback):
         self._window_step: int | None = None
         self._done_steps: set[int] = set()
         self._next_due = 0
+        # (step, seconds) of a run made before the budget knew the step time (the first one)
+        self._unplanned: tuple[int, float] | None = None
         self.last_stats: PerSampleStats | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -245,6 +247,11 @@ class PerSampleGradientCheck(AuditCallback):
     def _plan_next_run(self, trainer: pl.Trainer, step: int, run_seconds: float) -> None:
         interval = self.every_n_steps
         if self.budget is not None:
+            if self.budget.step_seconds is None:
+                # Planned at the next batch, once a training step has been timed.
+                self._unplanned = (step, run_seconds)
+                self._next_due = step + interval
+                return
             interval = max(interval, self.budget.interval(run_seconds, self.budget_share))
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             # Every rank runs on the same steps (the grad-mismatch collective needs it), so the
@@ -257,6 +264,10 @@ class PerSampleGradientCheck(AuditCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._unplanned is not None and self.budget and self.budget.step_seconds is not None:
+            ran_at, seconds = self._unplanned
+            self._unplanned = None
+            self._plan_next_run(trainer, ran_at, seconds)
         step = trainer.global_step
         if not self.is_scheduled(step) or step in self._done_steps:
             return

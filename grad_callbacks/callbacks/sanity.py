@@ -65,6 +65,11 @@ class GradientSanityCheck(AuditCallback):
     gradient) and at steps whose scalars are logged. Under DDP a tensor hook per parameter
     records local gradient norms (one small kernel per parameter per backward pass).
 
+    Inside ``GradientAudit`` with an overhead budget, the check may watch windows of consecutive
+    batches instead of every batch: streaks of steps without a gradient then count observed
+    steps in a row (they start again after each gap), and a NaN/Inf gradient is reported at the
+    first watched step that has one.
+
     Scalars (on the Trainer's ``log_every_n_steps`` cadence, at scheduled steps):
     ``grad_audit/sanity/missing_params`` (trainable parameters without a gradient at the step)
     and ``grad_audit/sanity/nonfinite_params`` (parameters with a NaN/Inf gradient since the
@@ -85,6 +90,7 @@ class GradientSanityCheck(AuditCallback):
 
     check_name = "GradientSanityCheck"
     metric_prefix = "sanity"
+    watches_steps = True
 
     def __init__(
         self, *, patience: int = 3, every_n_steps: int = 1, on_finding: OnFinding = "warn"
@@ -101,6 +107,8 @@ class GradientSanityCheck(AuditCallback):
         self._reads: list[tuple[HostCopy, list[Any], GradSanityMonitor, int]] = []
         self._names: dict[int, str] = {}
         self._restored_streaks: list[Any] = []
+        self._distributed = False
+        self._gaps = 0  # times the check stopped watching (windows under a budget)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "patience": self.patience}
@@ -127,15 +135,35 @@ class GradientSanityCheck(AuditCallback):
             f"optimizer {i} ({type(opt).__name__})" for i, opt in enumerate(self._optimizers)
         ]
         self._build()
-        if trainer.world_size > 1:
+        self._distributed = trainer.world_size > 1
+        if self.watching:
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        if self._distributed and self._probe is None:
             self._probe = LocalGradProbe(
                 [p for opt in self._optimizers for p in _optimizer_params(opt)]
             )
 
+    def start_watching(self) -> None:
+        super().start_watching()
+        with self.timed():
+            if self._monitor is not None:
+                self._monitor.mark_gap()
+            self._start_probe()
+
+    def stop_watching(self) -> None:
+        super().stop_watching()
+        self._gaps += 1
+        with self.timed(), self.guarded("reading the gradient statistics"):
+            self.release()
+            self._submit()
+            self._poll()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if self._monitor is None:
+        if self._monitor is None or not self.watching:
             return
         raw = getattr(optimizer, "_optimizer", optimizer)
         index = next((i for i, opt in enumerate(self._optimizers) if opt is raw), None)
@@ -263,6 +291,12 @@ class GradientSanityCheck(AuditCallback):
     def _report_summary(self, s: GroupSummary) -> None:
         opt = self._optimizer_names[s.group] if s.group < len(self._optimizer_names) else "?"
         local = self._probe is not None
+        sampled = (
+            " GradientAudit's overhead budget has this check watch windows of batches, so that "
+            "is the first watched step with one (max_overhead=None watches every batch)."
+            if self._gaps
+            else ""
+        )
         if s.nonfinite:
             where = " (this process's local gradients, before DDP averaging)" if local else ""
             self.report(
@@ -275,9 +309,9 @@ class GradientSanityCheck(AuditCallback):
                         f"NaN/Inf gradients{where} at a step of {opt}, first at step "
                         f"{s.nonfinite_step}, in {len(s.nonfinite)} parameter(s): "
                         f"{name_list(s.nonfinite)}. No GradScaler guards this step, so the "
-                        f"optimizer applies them. Fix: {CODES['nonfinite-grad'].fix}."
+                        f"optimizer applies them.{sampled} Fix: {CODES['nonfinite-grad'].fix}."
                     ),
-                    data={"optimizer": s.group, "local": local},
+                    data={"optimizer": s.group, "local": local, "sampled": bool(self._gaps)},
                 )
             )
         if s.missing:

@@ -38,6 +38,11 @@ class ZeroGradCheck(AuditCallback):
     Findings: ``missing-zero-grad``, ``gradient-leak``, ``stale-grad``,
     ``short-accumulation-window``.
 
+    Inside ``GradientAudit`` with an overhead budget, the check may watch windows of consecutive
+    batches instead of every batch (its hooks are removed in the gaps): the first step of each
+    optimizer in a window is not judged, since its previous step was not seen, and a bug is
+    caught from the second one.
+
     Args:
         every_n_steps: accepted for a uniform interface; the check runs every step.
         on_finding: ``"warn"``, ``"raise"`` or ``"log"``.
@@ -45,6 +50,7 @@ class ZeroGradCheck(AuditCallback):
 
     check_name = "ZeroGradCheck"
     metric_prefix = "zero_grad"
+    watches_steps = True
 
     def __init__(self, *, every_n_steps: int = 1, on_finding: OnFinding = "warn") -> None:
         super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
@@ -53,6 +59,7 @@ class ZeroGradCheck(AuditCallback):
         self._automatic = True
         self._optimizer_names: list[str] = []
         self._steps_taken: list[int] = []
+        self._hook_seconds_before = 0.0  # of ledgers released
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -72,28 +79,49 @@ class ZeroGradCheck(AuditCallback):
         )
         if len(self._steps_taken) == len(optimizers):
             self._ledger.steps_taken = list(self._steps_taken)
-        self._ledger.attach()
+        if self.watching:
+            self._ledger.attach()
+
+    def start_watching(self) -> None:
+        super().start_watching()
+        if self._ledger is not None:
+            with self.timed():
+                self._ledger.resume()
+
+    def stop_watching(self) -> None:
+        super().stop_watching()
+        if self._ledger is not None:
+            with self.timed():
+                self._ledger.pause()
+
+    @property
+    def outside_seconds(self) -> float:
+        # The ledger's tensor hooks run inside backward passes, its step hook inside step().
+        ledger = self._ledger.hook_seconds if self._ledger is not None else 0.0
+        return self._hook_seconds_before + ledger
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._ledger is not None:
+        if self._ledger is not None and self.watching:
             self._ledger.refresh()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if self._ledger is None:
+        if self._ledger is None or not self.watching:
             return
         raw = getattr(optimizer, "_optimizer", optimizer)
-        for index, opt in enumerate(self._ledger.optimizers):
-            if opt is raw:
-                self._ledger.audit_step(index)
-                return
+        with self.timed():
+            for index, opt in enumerate(self._ledger.optimizers):
+                if opt is raw:
+                    self._ledger.audit_step(index)
+                    return
 
     def release(self) -> None:
         if self._ledger is not None:
             self._steps_taken = list(self._ledger.steps_taken)
+            self._hook_seconds_before += self._ledger.hook_seconds
             self._ledger.detach()
             self._ledger = None
 
@@ -107,94 +135,95 @@ class ZeroGradCheck(AuditCallback):
 
     # ------------------------------------------------------------------ audit -> findings
     def _on_step(self, audit: StepAudit) -> None:
-        with self.timed():
-            self.steps_checked += 1
-            step = self.current_step
-            opt = self._optimizer_names[audit.optimizer_index]
-            suffix = f"_opt{audit.optimizer_index}" if len(self._optimizer_names) > 1 else ""
-            if self.wants_scalars():
-                self.queue_scalars(
-                    {
-                        f"microbatches{suffix}": audit.microbatches,
-                        f"uncleared_params{suffix}": len(audit.uncleared),
-                        f"stale_params{suffix}": len(audit.stale),
-                        f"leaked_params{suffix}": len(audit.leaked),
-                    }
+        # Called inside audit_step (timed by the caller) or the ledger's step hook (counted in
+        # its hook_seconds).
+        self.steps_checked += 1
+        step = self.current_step
+        opt = self._optimizer_names[audit.optimizer_index]
+        suffix = f"_opt{audit.optimizer_index}" if len(self._optimizer_names) > 1 else ""
+        if self.wants_scalars():
+            self.queue_scalars(
+                {
+                    f"microbatches{suffix}": audit.microbatches,
+                    f"uncleared_params{suffix}": len(audit.uncleared),
+                    f"stale_params{suffix}": len(audit.stale),
+                    f"leaked_params{suffix}": len(audit.leaked),
+                }
+            )
+        findings = []
+        if audit.uncleared:
+            findings.append(
+                make_finding(
+                    "missing-zero-grad",
+                    check=self.check_name,
+                    step=step,
+                    params=audit.uncleared,
+                    message=(
+                        f"{opt} stepped on gradients that still held contributions from "
+                        f"backward passes before its previous step, in "
+                        f"{len(audit.uncleared)} parameter(s): {name_list(audit.uncleared)}. "
+                        f"Fix: {CODES['missing-zero-grad'].fix}."
+                    ),
+                    data={
+                        "optimizer": audit.optimizer_index,
+                        "microbatches": audit.microbatches,
+                        "params_with_grad": audit.params_with_grad,
+                    },
                 )
-            findings = []
-            if audit.uncleared:
-                findings.append(
-                    make_finding(
-                        "missing-zero-grad",
-                        check=self.check_name,
-                        step=step,
-                        params=audit.uncleared,
-                        message=(
-                            f"{opt} stepped on gradients that still held contributions from "
-                            f"backward passes before its previous step, in "
-                            f"{len(audit.uncleared)} parameter(s): {name_list(audit.uncleared)}. "
-                            f"Fix: {CODES['missing-zero-grad'].fix}."
-                        ),
-                        data={
-                            "optimizer": audit.optimizer_index,
-                            "microbatches": audit.microbatches,
-                            "params_with_grad": audit.params_with_grad,
-                        },
-                    )
+            )
+        if audit.leaked:
+            others = ", ".join(self._optimizer_names[j] for j in audit.leaked_from)
+            findings.append(
+                make_finding(
+                    "gradient-leak",
+                    check=self.check_name,
+                    step=step,
+                    params=audit.leaked,
+                    message=(
+                        f"{opt} stepped on gradients from a backward pass that {others} had "
+                        f"already stepped on, with another backward pass in between, in "
+                        f"{len(audit.leaked)} parameter(s): {name_list(audit.leaked)}. "
+                        f"Fix: {CODES['gradient-leak'].fix}."
+                    ),
+                    data={
+                        "optimizer": audit.optimizer_index,
+                        "leaked_from": list(audit.leaked_from),
+                    },
                 )
-            if audit.leaked:
-                others = ", ".join(self._optimizer_names[j] for j in audit.leaked_from)
-                findings.append(
-                    make_finding(
-                        "gradient-leak",
-                        check=self.check_name,
-                        step=step,
-                        params=audit.leaked,
-                        message=(
-                            f"{opt} stepped on gradients from a backward pass that {others} had "
-                            f"already stepped on, with another backward pass in between, in "
-                            f"{len(audit.leaked)} parameter(s): {name_list(audit.leaked)}. "
-                            f"Fix: {CODES['gradient-leak'].fix}."
-                        ),
-                        data={
-                            "optimizer": audit.optimizer_index,
-                            "leaked_from": list(audit.leaked_from),
-                        },
-                    )
+            )
+        if audit.stale:
+            findings.append(
+                make_finding(
+                    "stale-grad",
+                    check=self.check_name,
+                    step=step,
+                    params=audit.stale,
+                    message=(
+                        f"{opt} applied an old gradient again: {len(audit.stale)} "
+                        f"parameter(s) got no contribution since its previous step but kept "
+                        f"their gradient: {name_list(audit.stale)}. "
+                        f"Fix: {CODES['stale-grad'].fix}."
+                    ),
+                    data={"optimizer": audit.optimizer_index},
                 )
-            if audit.stale:
-                findings.append(
-                    make_finding(
-                        "stale-grad",
-                        check=self.check_name,
-                        step=step,
-                        params=audit.stale,
-                        message=(
-                            f"{opt} applied an old gradient again: {len(audit.stale)} "
-                            f"parameter(s) got no contribution since its previous step but kept "
-                            f"their gradient: {name_list(audit.stale)}. "
-                            f"Fix: {CODES['stale-grad'].fix}."
-                        ),
-                        data={"optimizer": audit.optimizer_index},
-                    )
+            )
+        k, n = audit.microbatches, self._accumulate
+        if self._automatic and n > 1 and 0 < k < n and audit.clean:
+            findings.append(
+                make_finding(
+                    "short-accumulation-window",
+                    check=self.check_name,
+                    step=step,
+                    message=(
+                        f"{opt} stepped after {k} of accumulate_grad_batches={n} "
+                        f"micro-batches, so this update weighs {k}/{n} = {k / n:.2f} of a "
+                        f"full one. Lightning steps on the last batch of an epoch whose "
+                        f"length is not a multiple of {n}, and on resuming mid-window, "
+                        f"keeping the 1/{n} loss scale. "
+                        f"Fix: {CODES['short-accumulation-window'].fix}."
+                    ),
+                    data={"microbatches": k, "accumulate_grad_batches": n, "weight": k / n},
                 )
-            k, n = audit.microbatches, self._accumulate
-            if self._automatic and n > 1 and 0 < k < n and audit.clean:
-                findings.append(
-                    make_finding(
-                        "short-accumulation-window",
-                        check=self.check_name,
-                        step=step,
-                        message=(
-                            f"{opt} stepped after {k} of accumulate_grad_batches={n} "
-                            f"micro-batches, so this update weighs {k}/{n} = {k / n:.2f} of a "
-                            f"full one. Lightning steps on the last batch of an epoch whose "
-                            f"length is not a multiple of {n}, and on resuming mid-window, "
-                            f"keeping the 1/{n} loss scale. "
-                            f"Fix: {CODES['short-accumulation-window'].fix}."
-                        ),
-                        data={"microbatches": k, "accumulate_grad_batches": n, "weight": k / n},
-                    )
-                )
+            )
         for finding in findings:
             self.report(finding)

@@ -1,15 +1,19 @@
-"""An overhead budget: how far apart to space an expensive check so that it stays cheap.
+"""An overhead budget: how far apart to space the checks so that they stay cheap.
 
 Pure Python. The owner records the wall time of each training step with the checks' own time
-taken out; a check that just ran asks how many steps to wait before its next run so that its
-cost stays within its share of the budget.
+taken out, and which part of the checks' time was fixed (spent at every step whatever the
+schedules: calling the checks' hooks, cheap checks). What the fixed part leaves of the budget is
+shared among the scheduled work: a check that just ran asks how many steps to wait before its
+next run so that its cost stays within its share (:meth:`OverheadBudget.interval`), and the
+checks that work at every step watch the batches :class:`WatchWindows` chooses.
 
 Example:
     >>> budget = OverheadBudget(max_overhead=0.03)
     >>> for _ in range(10):
     ...     budget.record_step(train_seconds=0.010, check_seconds=0.0001)
-    >>> budget.interval(run_seconds=0.060, share=0.5)  # 60 ms / (1.5% of 10 ms)
-    400
+    >>> # 3% of 10 ms is 0.3 ms per step; the fixed 0.1 ms leaves 0.2 ms, half of it 0.1 ms
+    >>> budget.interval(run_seconds=0.060, share=0.5)  # 60 ms / 0.1 ms
+    600
     >>> round(budget.overhead, 3)
     0.01
 """
@@ -24,33 +28,49 @@ class OverheadBudget:
 
     Args:
         max_overhead: the share of training wall time the checks may take (0.03 = 3%).
-        smoothing: weight of the newest step in the running step-time estimate.
+        smoothing: weight of the newest step in the running step-time estimates.
         max_interval: the longest wait between two runs of a check, in steps.
+        min_spare: the least share of the budget left to scheduled work when the fixed cost
+            takes all of it (so that their intervals stay finite; the overhead then exceeds
+            ``max_overhead``, and :attr:`overhead` says so).
     """
 
     def __init__(
-        self, max_overhead: float = 0.03, smoothing: float = 0.1, max_interval: int = 100_000
+        self,
+        max_overhead: float = 0.03,
+        smoothing: float = 0.1,
+        max_interval: int = 100_000,
+        min_spare: float = 0.1,
     ) -> None:
         if not 0 < max_overhead < 1:
             raise ValueError(f"max_overhead must be in (0, 1), got {max_overhead!r}")
         self.max_overhead = max_overhead
         self.smoothing = smoothing
         self.max_interval = max_interval
+        self.min_spare = min_spare
         self.step_seconds: float | None = None
+        #: Running estimate of the fixed part of the checks' time per step.
+        self.fixed_seconds = 0.0
         self.train_seconds = 0.0
         self.check_seconds = 0.0
         self.steps = 0
 
-    def record_step(self, train_seconds: float, check_seconds: float) -> None:
-        """One training batch: its wall time without the checks, and the checks' time in it."""
+    def record_step(
+        self, train_seconds: float, check_seconds: float, scheduled_seconds: float = 0.0
+    ) -> None:
+        """One training batch: its wall time without the checks, the checks' time in it, and
+        the part of that spent on scheduled work (the rest is the fixed cost)."""
         train_seconds = max(train_seconds, 0.0)
+        check_seconds = max(check_seconds, 0.0)
+        fixed = max(check_seconds - max(scheduled_seconds, 0.0), 0.0)
         self.train_seconds += train_seconds
-        self.check_seconds += max(check_seconds, 0.0)
+        self.check_seconds += check_seconds
         self.steps += 1
         if self.step_seconds is None:
-            self.step_seconds = train_seconds
+            self.step_seconds, self.fixed_seconds = train_seconds, fixed
         else:
             self.step_seconds += self.smoothing * (train_seconds - self.step_seconds)
+            self.fixed_seconds += self.smoothing * (fixed - self.fixed_seconds)
 
     @property
     def overhead(self) -> float:
@@ -58,11 +78,88 @@ class OverheadBudget:
         return self.check_seconds / self.train_seconds if self.train_seconds > 0 else 0.0
 
     def interval(self, run_seconds: float, share: float) -> int:
-        """Steps to wait after a run that took ``run_seconds``, for a check given ``share``.
+        """Steps to wait after a run that took ``run_seconds``, for a check given ``share`` of
+        what the fixed cost leaves of the budget.
 
         1 when no step time is known yet.
         """
         if not self.step_seconds or run_seconds <= 0:
             return 1
-        allowed = share * self.max_overhead * self.step_seconds
+        budget = self.max_overhead * self.step_seconds
+        spare = max(budget - self.fixed_seconds, self.min_spare * budget)
+        allowed = share * spare
         return min(self.max_interval, max(1, math.ceil(run_seconds / allowed)))
+
+
+class WatchWindows:
+    """Which training batches the per-step checks watch: windows of consecutive batches.
+
+    The first window opens at the first batch. When a window closes, the next one opens once
+    :meth:`OverheadBudget.interval` batches (for the window's measured cost and the checks'
+    share of the budget) have passed since the previous one opened, at the first batch where
+    a window may open (an accumulation boundary). When that interval is no longer than a
+    window, windows follow each other and every batch is watched.
+
+    Args:
+        budget: the overhead budget; None watches every batch.
+        share: the share of the budget given to the watching checks.
+        length: batches per window.
+
+    Example:
+        >>> budget = OverheadBudget(max_overhead=0.03)
+        >>> budget.record_step(train_seconds=0.010, check_seconds=0.0)
+        >>> windows = WatchWindows(budget, share=0.5, length=2)
+        >>> spent = 0.0
+        >>> watched = []
+        >>> for batch in range(12):
+        ...     watched.append(windows.watch(batch, spent))
+        ...     spent += 0.0003 if watched[-1] else 0.0  # 0.3 ms per watched batch
+        >>> [b for b, w in enumerate(watched) if w]  # 0.6 ms per window / 0.15 ms per batch
+        [0, 1, 4, 5, 8, 9]
+    """
+
+    def __init__(self, budget: OverheadBudget | None, share: float, length: int) -> None:
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.budget = budget
+        self.share = share
+        self.length = length
+        self._opened_at: int | None = None
+        self._spent_at_open = 0.0
+        self._next_open = 0
+        #: Batches seen and batches watched so far.
+        self.batches = 0
+        self.watched = 0
+
+    def watch(self, batch: int, spent: float, may_open: bool = True) -> bool:
+        """Whether to watch ``batch``; call once per batch, in order.
+
+        Args:
+            batch: the batch's number, counted from 0 over the whole run.
+            spent: the watching checks' time so far, in seconds (it only grows).
+            may_open: whether a window may open at this batch.
+        """
+        self.batches += 1
+        if self._opened_at is not None:
+            if batch < self._opened_at + self.length:
+                self.watched += 1
+                return True
+            gap = self.gap(spent - self._spent_at_open)
+            self._next_open = self._opened_at + max(gap, self.length)
+            self._opened_at = None
+        if batch >= self._next_open and may_open:
+            self._opened_at, self._spent_at_open = batch, spent
+            self.watched += 1
+            return True
+        return False
+
+    def gap(self, window_seconds: float) -> int:
+        """Batches from the opening of a window that cost ``window_seconds`` to the next."""
+        if self.budget is None:
+            return 1
+        return self.budget.interval(window_seconds, self.share)
+
+    @property
+    def watched_share(self) -> float:
+        """The share of batches watched so far (1 before any)."""
+        return self.watched / self.batches if self.batches else 1.0

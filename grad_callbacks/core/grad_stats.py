@@ -16,7 +16,10 @@ memory on CUDA). :meth:`GradSanityMonitor.decode` then folds the rows, in order,
 
 * ``streak``: consecutive steps of the group at which a trainable parameter got no gradient
   (``.grad`` None, or exactly zero, as ``zero_grad(set_to_none=False)`` leaves parameters the
-  loss does not reach); reaching ``patience`` makes it *missing*;
+  loss does not reach); reaching ``patience`` makes it *missing*. Steps are consecutive among
+  those observed: after :meth:`GradSanityMonitor.mark_gap` (the owner skipped some steps) every
+  streak starts again from 0, so a parameter used every few steps never looks missing because
+  the steps that used it were not observed;
 * the first step of the window with a NaN/Inf gradient, per parameter.
 
 :class:`LocalGradProbe` records each parameter's *local* gradient norm during the backward pass,
@@ -49,6 +52,7 @@ from torch.utils.hooks import RemovableHandle
 from grad_callbacks.core.norms import LOW_PRECISION, NormFn, grad_norms
 
 _NO_STEP = -1
+_NONE = -2  # below every row index, and below "the row before the first"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class _Group:
         self.skipped = torch.ones((), device=self.device)
         # host side, advanced by decode()
         self.streak = torch.zeros(len(self.params), dtype=torch.int64)
+        self.gap = False  # steps were skipped before the next observed one
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class _Row:
     step: int
     count_nonfinite: bool
     local: bool  # a second row of local norms follows for the NaN/Inf test
+    after_gap: bool = False  # the group's streaks start again at this row
 
 
 class GradSanityMonitor:
@@ -109,6 +115,12 @@ class GradSanityMonitor:
         self.patience = patience
         self.groups = [_Group(list(named)) for named in groups]
         self._rows: list[tuple[_Row, list[Tensor]]] = []
+
+    def mark_gap(self) -> None:
+        """Steps of every group will go unobserved before the next :meth:`observe`: streaks of
+        steps without a gradient start again from 0 there."""
+        for g in self.groups:
+            g.gap = True
 
     @property
     def pending_steps(self) -> int:
@@ -161,7 +173,8 @@ class GradSanityMonitor:
         tensors = [torch.stack([s for s in slots if s is not None])]
         if local_norms is not None and count_nonfinite:
             tensors.append(local_norms)
-        row = _Row(group, int(step), count_nonfinite, len(tensors) == 2)
+        row = _Row(group, int(step), count_nonfinite, len(tensors) == 2, after_gap=g.gap)
+        g.gap = False
         self._rows.append((row, tensors))
 
     def streaks(self) -> list[tuple[int, str, int]]:
@@ -200,7 +213,7 @@ class GradSanityMonitor:
     def decode(self, host: Tensor, layout: Sequence[_Row]) -> list[GroupSummary]:
         """Fold collected rows (on the host, in the order collected) into one summary per group
         seen in them. Calls must follow the order of :meth:`collect`."""
-        rows: dict[int, tuple[list[Tensor], list[Tensor], list[int], list[bool]]] = {}
+        rows: dict[int, tuple[list[Tensor], list[Tensor], list[int], list[bool], list[bool]]] = {}
         offset = 0
         for row in layout:
             n = len(self.groups[row.group].params)
@@ -210,22 +223,27 @@ class GradSanityMonitor:
             if row.local:
                 tested = host[offset : offset + n]
                 offset += n
-            vs, ts, steps, counted = rows.setdefault(row.group, ([], [], [], []))
+            vs, ts, steps, counted, gaps = rows.setdefault(row.group, ([], [], [], [], []))
             vs.append(values)
             ts.append(tested)
             steps.append(row.step)
             counted.append(row.count_nonfinite)
+            gaps.append(row.after_gap)
         first_missing: dict[int, Tensor] = {}
         first_nonfinite: dict[int, Tensor] = {}
-        for index, (vs, ts, steps, counted) in rows.items():
+        for index, (vs, ts, steps, counted, gaps) in rows.items():
             g = self.groups[index]
             step_of = torch.tensor(steps)
             # The streak after each row, for all rows at once: rows since the last row with a
-            # gradient, or the streak carried in plus every row so far when there was none.
+            # gradient (a row after a gap counts as if the row before it had one), or the
+            # streak carried in plus every row so far when there was neither.
             order = torch.arange(len(vs)).unsqueeze(1)
             got = torch.stack(vs) != 0
-            last = torch.cummax(torch.where(got, order, -1), dim=0).values
-            streaks = torch.where(last >= 0, order - last, g.streak + order + 1)
+            reset = torch.where(got, order, _NONE)
+            after_gap = torch.tensor(gaps).unsqueeze(1)
+            reset = torch.maximum(reset, torch.where(after_gap, order - 1, _NONE))
+            last = torch.cummax(reset, dim=0).values
+            streaks = torch.where(last > _NONE, order - last, g.streak + order + 1)
             g.streak = streaks[-1].clone()
             first_missing[index] = _first_step(streaks >= self.patience, step_of)
             bad = ~torch.isfinite(torch.stack(ts)) & torch.tensor(counted).unsqueeze(1)

@@ -17,6 +17,11 @@ then does the ledger test on the device whether the gradient is all zeros; that 
 (one host-device synchronisation) only when the step would otherwise be reported. With the
 default ``set_to_none=True`` nothing is ever read from the device.
 
+What a gradient held before the ledger started watching (at :meth:`GradientLedger.attach`, or at
+:meth:`GradientLedger.resume` after a :meth:`GradientLedger.pause`) counts as one contribution
+older than anything watched: the first step of each optimizer after that is not judged (its
+previous step was not seen), and from the second on the rules below apply as usual.
+
 Rules, for a step of optimizer O and a parameter p of O whose ``.grad`` is not None:
 
 * ``uncleared``: p holds a contribution older than O's previous step and a new one
@@ -42,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +59,9 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 _MAX_TRACKED_BACKWARDS = 512
+# The contribution standing for whatever .grad held before the ledger started watching: older
+# than every backward pass and step it numbers (those count from 0).
+_BEFORE = -1
 
 
 @dataclass(frozen=True)
@@ -61,14 +70,19 @@ class StepAudit:
 
     Attributes:
         optimizer_index: position of the optimizer in the list given to the ledger.
-        step_index: how many real steps this optimizer had taken before this one.
+        step_index: how many steps of this optimizer the ledger saw before this one (steps
+            taken while it was paused are not seen).
         microbatches: backward passes since this optimizer's previous step that reached its
-            parameters (the accumulation window's size).
+            parameters (the accumulation window's size; at a step whose previous step the
+            ledger did not see, those it saw).
         uncleared: parameters holding contributions from before the previous step and new ones.
         stale: parameters holding only contributions from before the previous step.
         leaked: parameters holding a backward pass another optimizer already stepped on.
         leaked_from: indices of those other optimizers.
         params_with_grad: parameters of the optimizer whose ``.grad`` was not None.
+        previous_seen: whether the ledger saw this optimizer's previous step (False at the
+            first step after :meth:`GradientLedger.attach` or :meth:`GradientLedger.resume`,
+            where nothing can be stale or uncleared yet).
     """
 
     optimizer_index: int
@@ -79,6 +93,7 @@ class StepAudit:
     leaked: tuple[str, ...] = ()
     leaked_from: tuple[int, ...] = ()
     params_with_grad: int = 0
+    previous_seen: bool = True
 
     @property
     def clean(self) -> bool:
@@ -161,6 +176,10 @@ class GradientLedger:
         self._last_backward_seq = -1
         # backward seq -> [(optimizer index, step seq)] for the steps that consumed it
         self._consumed_by: OrderedDict[int, list[tuple[int, int]]] = OrderedDict()
+        #: Seconds spent in the tensor and optimizer hooks the ledger registers (autograd and
+        #: the optimizers call them, outside any hook of the caller's).
+        self.hook_seconds = 0.0
+        self._paused = False
 
     # ------------------------------------------------------------------ wiring
     def attach(self) -> None:
@@ -177,6 +196,8 @@ class GradientLedger:
 
     def refresh(self) -> None:
         """Hook parameters that became trainable since :meth:`attach` (e.g. an unfrozen layer)."""
+        if self._paused:
+            return
         for params in self._opt_params:
             for p in params:
                 if p.requires_grad and id(p) not in self._hooked:
@@ -192,24 +213,49 @@ class GradientLedger:
         self._hooked.clear()
         self._opt_handles.clear()
 
+    def pause(self) -> None:
+        """Stop watching (no hook is called, nothing costs) until :meth:`resume`."""
+        self.detach()
+        self._paused = True
+
+    def resume(self) -> None:
+        """Watch again after :meth:`pause`, knowing nothing of what happened in between.
+
+        What the gradients hold now counts as older than anything watched from here on, and
+        each optimizer's next step is its first seen one (see the module docstring): a gap
+        never makes a step look stale or uncleared, and a missing ``zero_grad`` is caught from
+        the second step after resuming.
+        """
+        self.detach()
+        self._paused = False
+        self._states.clear()
+        self._last_step_seq = [None] * len(self.optimizers)
+        self._audited_ahead = [False] * len(self.optimizers)
+        self.attach()
+
     def _hook_param(self, p: Tensor) -> None:
         state = _ParamState(self._names.get(id(p), f"param@{id(p):x}"))
         self._states[id(p)] = state
         if p.grad is not None:
+            state.contributions.append(_BEFORE)
             self._remember_grad(state, p.grad)
         ref = weakref.ref(p)
 
         def before_accumulate(grad: Tensor) -> None:
+            start = time.perf_counter()
             param = ref()
             if param is not None:
                 self._observe_clear(state, param)
+            self.hook_seconds += time.perf_counter() - start
 
         def after_accumulate(param: Tensor) -> None:
+            start = time.perf_counter()
             seq = self._backward_seq()
             if not state.contributions or state.contributions[-1] != seq:
                 state.contributions.append(seq)
             if param.grad is not None:
                 self._remember_grad(state, param.grad)
+            self.hook_seconds += time.perf_counter() - start
 
         self._hooked[id(p)] = [
             p.register_hook(self._untraced(before_accumulate)),
@@ -273,7 +319,9 @@ class GradientLedger:
             if self._audited_ahead[index]:
                 self._audited_ahead[index] = False
             else:
+                start = time.perf_counter()
                 self._audit_step(index)
+                self.hook_seconds += time.perf_counter() - start
 
         return hook
 
@@ -294,7 +342,7 @@ class GradientLedger:
             if not state.contributions:
                 continue
             old = prev is not None and state.contributions[0] < prev
-            fresh = [b for b in state.contributions if prev is None or b > prev]
+            fresh = [b for b in state.contributions if b != _BEFORE and (prev is None or b > prev)]
             verdict.fresh_backwards.update(fresh)
             if old and fresh:
                 verdict.uncleared.append(state.name)
@@ -358,6 +406,7 @@ class GradientLedger:
             leaked=tuple(verdict.leaked),
             leaked_from=tuple(sorted(verdict.leaked_from)),
             params_with_grad=len(states),
+            previous_seen=prev is not None,
         )
         self._last_step_seq[index] = now
         self.steps_taken[index] += 1

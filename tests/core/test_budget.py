@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grad_callbacks.core.budget import OverheadBudget
+from grad_callbacks.core.budget import OverheadBudget, WatchWindows
 
 
 def test_interval_keeps_the_check_within_its_share() -> None:
@@ -35,3 +35,49 @@ def test_interval_is_capped_and_bad_budgets_rejected() -> None:
     assert budget.interval(run_seconds=100.0, share=0.1) == 50
     with pytest.raises(ValueError):
         OverheadBudget(max_overhead=0)
+
+
+def test_the_fixed_cost_is_taken_out_of_the_budget_first() -> None:
+    budget = OverheadBudget(max_overhead=0.03, min_spare=0.1)
+    # 10 ms steps, 0.2 ms of checks per step of which 0.05 ms scheduled: 0.15 ms fixed
+    budget.record_step(train_seconds=0.010, check_seconds=0.0002, scheduled_seconds=0.00005)
+    assert budget.fixed_seconds == pytest.approx(0.00015)
+    # 3% of 10 ms = 0.3 ms; 0.15 ms left; a check with share 0.5 gets 0.075 ms per step
+    assert budget.interval(run_seconds=0.0074, share=0.5) == 99  # 98.7 steps
+    # A fixed cost above the whole budget leaves min_spare of it: 0.1 * 0.3 ms * 0.5
+    budget.record_step(train_seconds=0.010, check_seconds=0.00515, scheduled_seconds=0.0)
+    assert budget.fixed_seconds > 0.0003
+    assert budget.interval(run_seconds=0.00149, share=0.5) == 100  # 99.3 steps
+
+
+def test_watch_windows_follow_the_budget() -> None:
+    budget = OverheadBudget(max_overhead=0.03)
+    budget.record_step(train_seconds=0.010, check_seconds=0.0)
+    windows = WatchWindows(budget, share=1.0, length=4)
+    spent, watched = 0.0, []
+    for batch in range(40):
+        watched.append(windows.watch(batch, spent))
+        spent += 0.00059 if watched[-1] else 0.0  # 2.36 ms per window / 0.3 ms: 7.9
+    assert [b for b, w in enumerate(watched) if w] == [
+        b for start in range(0, 40, 8) for b in range(start, start + 4)
+    ]
+    assert windows.watched_share == pytest.approx(0.5)
+
+
+def test_cheap_watching_watches_every_batch_and_windows_open_only_where_allowed() -> None:
+    budget = OverheadBudget(max_overhead=0.03)
+    budget.record_step(train_seconds=0.010, check_seconds=0.0)
+    windows = WatchWindows(budget, share=1.0, length=3)
+    assert all(windows.watch(b, spent=1e-6 * b) for b in range(20))
+    # Expensive windows, and a window may open only at even batches.
+    windows = WatchWindows(budget, share=1.0, length=2)
+    spent, opened = 0.0, []
+    for batch in range(30):
+        was = windows._opened_at
+        if windows.watch(batch, spent, may_open=batch % 2 == 0):
+            spent += 0.00089  # 1.78 ms per window: 5.9 batches apart
+            if windows._opened_at != was:
+                opened.append(batch)
+    assert opened == [0, 6, 12, 18, 24]
+    assert all(b % 2 == 0 for b in opened)
+    assert WatchWindows(None, share=1.0, length=2).watch(0, 0.0)

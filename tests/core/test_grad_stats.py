@@ -31,8 +31,9 @@ def test_vectorised_decode_matches_the_row_by_row_reference(seed: int) -> None:
                 [rng.choice(choices) for _ in range(sizes[group])] if rng.random() < 0.3 else None
             )
             counted = rng.random() < 0.8
-            sequence.append((group, step, values, local, counted))
-            monitor._rows.append(_row(group, step, values, local, counted))
+            gap = rng.random() < 0.2  # steps of the group went unobserved before this one
+            sequence.append((group, step, values, local, counted, gap))
+            monitor._rows.append(_row(group, step, values, local, counted, gap))
         tensor, layout = monitor.collect()  # type: ignore[misc]
         summaries = monitor.decode(HostCopy(tensor).result(), layout)
         expected, _ = _reference_from(carried, sequence, sizes, patience)
@@ -52,9 +53,11 @@ def _reference_from(carried, sequence, sizes, patience):  # type: ignore[no-unty
     """The reference, starting from the streaks carried in (updated in place)."""
     out = []
     window: dict[int, tuple[dict[int, int], dict[int, int]]] = {}
-    for group, step, values, local, counted in sequence:
+    for group, step, values, local, counted, gap in sequence:
         fm, fn = window.setdefault(group, ({}, {}))
         tested = local if local is not None else values
+        if gap:
+            carried[group] = [0] * len(carried[group])
         for i, v in enumerate(values):
             carried[group][i] = carried[group][i] + 1 if v == 0 else 0
             if carried[group][i] >= patience and i not in fm:
@@ -68,10 +71,29 @@ def _reference_from(carried, sequence, sizes, patience):  # type: ignore[no-unty
     return out, carried
 
 
-def _row(group: int, step: int, values, local, counted):  # type: ignore[no-untyped-def]
+def _row(group: int, step: int, values, local, counted, gap):  # type: ignore[no-untyped-def]
     from grad_callbacks.core.grad_stats import _Row
 
     tensors = [torch.tensor(values)]
     if local is not None and counted:
         tensors.append(torch.tensor(local))
-    return _Row(group, step, counted, len(tensors) == 2), tensors
+    return _Row(group, step, counted, len(tensors) == 2, after_gap=gap), tensors
+
+
+def test_a_gap_restarts_streaks_so_sparse_use_is_not_missing() -> None:
+    """A parameter used at every 3rd step, observed only at the other steps around a gap, is
+    never 3 observed steps in a row without a gradient; without mark_gap it would look so."""
+    used, rare = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+    monitor = GradSanityMonitor([[("used", used), ("rare", rare)]], patience=3)
+    for step in range(12):
+        rare_used = step % 3 == 0
+        (used.sum() + (rare.sum() if rare_used else 0)).backward()
+        if rare_used:  # the steps that use it fall in the gaps
+            monitor.mark_gap()
+        else:
+            monitor.observe(0, step)
+        used.grad, rare.grad = None, None
+    tensor, layout = monitor.collect()  # type: ignore[misc]
+    (summary,) = monitor.decode(HostCopy(tensor).result(), layout)
+    assert summary.missing == ()
+    assert summary.without_grad == 1  # rare, at the last observed step

@@ -266,3 +266,54 @@ def test_device_is_read_only_when_needed(set_to_none: bool, monkeypatch) -> None
         opt.step()
     assert all(a.clean for a in ledger.step_audits)
     assert (len(calls) == 0) is set_to_none
+
+
+@pytest.mark.parametrize("zero_grad", [True, False])
+def test_after_a_pause_the_first_step_is_not_judged_and_the_second_is(zero_grad: bool) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ledger = _ledger(model, opt)
+    _backward(model)
+    opt.step()
+    ledger.pause()
+    seconds = ledger.hook_seconds
+    for _ in range(2):  # unwatched steps: no hook runs, nothing is audited
+        if zero_grad:
+            opt.zero_grad(set_to_none=False)
+        _backward(model)
+        opt.step()
+    assert ledger.hook_seconds == seconds and len(ledger.step_audits) == 1
+    ledger.resume()  # .grad holds what the last unwatched backward left
+    for _ in range(2):
+        if zero_grad:
+            opt.zero_grad(set_to_none=False)
+        _backward(model)
+        opt.step()
+    first, second = ledger.step_audits[1:]
+    assert not first.previous_seen and first.clean
+    assert first.microbatches == 1  # what .grad held before resuming is not a micro-batch
+    assert second.previous_seen and second.microbatches == 1
+    assert second.uncleared == (() if zero_grad else ALL)
+    assert ledger.steps_taken == [3]  # the steps it saw
+
+
+def test_held_gradients_of_two_optimizers_across_a_pause_are_not_a_leak() -> None:
+    """Both optimizers' gradients hold zeros from before the pause (set_to_none=False): what
+    was there before is nobody's backward pass, so no step leaks it to another."""
+    g, d = _model(0), _model(1)
+    opt_g = torch.optim.SGD(g.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(d.parameters(), lr=0.1)
+    named = [*(("g." + n, p) for n, p in g.named_parameters()), *d.named_parameters()]
+    ledger = GradientLedger(named, [opt_g, opt_d], keep_audits=100)
+    ledger.attach()
+    for resumed in (False, True, True):
+        if resumed:
+            ledger.pause()
+            ledger.resume()
+        for _ in range(2):
+            for model, opt in ((d, opt_d), (g, opt_g)):
+                _backward(model)
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+    assert all(a.clean for a in ledger.step_audits)
+    assert [a.microbatches for a in ledger.step_audits] == [1] * 12

@@ -1,0 +1,219 @@
+"""GradientAudit's watch windows: the per-step checks watching some batches only.
+
+The windows here are fixed (``FixedWindows``: one every 31 batches, so that
+windows must wait for an accumulation boundary) instead of timed, so
+that what is watched is known; the checks must stay silent on clean runs across the gaps, find
+bugs that start inside a window or inside a gap, and leave training bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from grad_callbacks import (
+    Finding,
+    GradientAudit,
+    GradientAuditWarning,
+    GradientSanityCheck,
+    ZeroGradCheck,
+)
+from grad_callbacks.core.budget import WatchWindows
+from tests import zoo
+
+PERIOD = 31
+BATCHES = 72  # a multiple of the accumulations tested: no short last window
+
+
+class FixedWindows(WatchWindows):
+    """A window every ``PERIOD`` batches, whatever the time it took."""
+
+    def gap(self, window_seconds: float) -> int:
+        return PERIOD
+
+
+def _audit(**kwargs: Any) -> GradientAudit:
+    audit = GradientAudit(checks=[ZeroGradCheck, GradientSanityCheck], **kwargs)
+    audit.watch_windows = FixedWindows(None, share=1.0, length=1)  # length set at train start
+    return audit
+
+
+def _watched(length: int, batches: int = BATCHES, accumulate: int = 1) -> list[int]:
+    """The batches FixedWindows watches when windows open at accumulation boundaries."""
+    out: list[int] = []
+    start = 0
+    while start < batches:
+        out += range(start, min(start + length, batches))
+        start += max(PERIOD, length)
+        start += -start % accumulate
+    return out
+
+
+def _alarms(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity in ("warning", "error")]
+
+
+def _data(n: int = 4 * BATCHES) -> Any:
+    return zoo.regression_data(n=n)
+
+
+class GANZeros(zoo.GAN):
+    """Lightning's GAN recipe, clearing gradients in place: windows open on gradients that hold
+    zeros from before them, in both optimizers."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real = batch[0]
+        opt_g, opt_d = self.optimizers()
+        for opt, index in ((opt_d, 1), (opt_g, 0)):
+            self.toggle_optimizer(opt)
+            self.manual_backward(self._losses(real)[index])
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            self.untoggle_optimizer(opt)
+
+
+CLEAN_CASES = {
+    "mlp-sgd": lambda: (zoo.MLP("sgd"), {}, _data()),
+    "mlp-accumulate-2": lambda: (zoo.MLP("adam"), {"accumulate_grad_batches": 2}, _data()),
+    "mlp-accumulate-3": lambda: (zoo.MLP("adam"), {"accumulate_grad_batches": 3}, _data()),
+    "mlp-clip": lambda: (zoo.MLP(), {"gradient_clip_val": 0.1}, _data()),
+    "mlp-bf16": lambda: (zoo.MLP(), {"precision": "bf16-mixed"}, _data()),
+    "set-to-none-false": lambda: (zoo.SetToNoneFalse(), {"accumulate_grad_batches": 2}, _data()),
+    "two-heads": lambda: (zoo.TwoHeads("all"), {}, _data()),
+    "two-heads-zeros": lambda: (zoo.TwoHeads("all", set_to_none=False), {}, _data()),
+    "manual": lambda: (zoo.ManualMLP(), {}, _data()),
+    "manual-accumulation": lambda: (zoo.ManualMLP(accumulate=2), {}, _data()),
+    "gan-toggle": lambda: (zoo.GAN("toggle"), {}, zoo.gan_data(n=4 * BATCHES)),
+    "gan-alternate": lambda: (zoo.GAN("alternate"), {}, zoo.gan_data(n=4 * BATCHES)),
+    "gan-zeros": lambda: (GANZeros(), {}, zoo.gan_data(n=4 * BATCHES)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLEAN_CASES))
+def test_clean_runs_stay_silent_across_the_gaps(case: str) -> None:
+    module, kwargs, data = CLEAN_CASES[case]()
+    audit = _audit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientAuditWarning)
+        zoo.fit(module, [audit], data=data, **kwargs)
+    assert _alarms(audit.findings) == []
+    # no short-accumulation-window either: windows open where accumulation windows do
+    assert audit.findings == []
+    windows = audit.watch_windows
+    assert windows is not None and windows.batches == BATCHES
+    accumulate = kwargs.get("accumulate_grad_batches", 1)
+    assert windows.watched == len(_watched(windows.length, accumulate=accumulate)) < BATCHES
+
+
+class ZeroGradUntil(zoo.ManualMLP):
+    """Manual optimization that stops calling ``opt.zero_grad()`` from batch ``broken_from``."""
+
+    def __init__(self, broken_from: int) -> None:
+        super().__init__()
+        self.broken_from = broken_from
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.zero_grad_enabled = batch_idx < self.broken_from
+        super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("broken_from", "first_step"),
+    [
+        (3, 4),  # inside the first window: caught at the next step
+        (33, 34),  # inside the second window (batches 31-38)
+        (45, 63),  # in a gap: the window from 62 judges its second step
+    ],
+)
+def test_missing_zero_grad_is_caught_in_the_next_window(broken_from: int, first_step: int) -> None:
+    audit = _audit(on_finding="log")
+    zoo.fit(ZeroGradUntil(broken_from), [audit], data=_data())
+    (finding,) = [f for f in audit.findings if f.code == "missing-zero-grad"]
+    assert finding.step == first_step
+    assert _watched(8).count(first_step) == 1
+
+
+class NaNFrom(zoo.MLP):
+    """The loss becomes NaN from batch ``bad_from``: the gradients (and weights) go NaN."""
+
+    def __init__(self, bad_from: int) -> None:
+        super().__init__("sgd")
+        self.bad_from = bad_from
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx >= self.bad_from else loss
+
+
+def test_nonfinite_gradients_from_a_gap_are_reported_at_the_next_watched_step() -> None:
+    audit = _audit(on_finding="log")
+    zoo.fit(NaNFrom(45), [audit], data=_data())
+    (finding,) = [f for f in audit.findings if f.code == "nonfinite-grad"]
+    assert finding.step == 62
+    assert finding.data["sampled"] is True
+    assert "first watched step" in finding.message
+
+
+class DetachedFrom(zoo.MLP):
+    """The first layer is cut off from the loss from batch ``cut_from`` on."""
+
+    def __init__(self, cut_from: int) -> None:
+        super().__init__("sgd")
+        self.cut_from = cut_from
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = self.net[0](x)
+        if batch_idx >= self.cut_from:
+            h = h.detach()
+        return nn.functional.mse_loss(self.net[2](self.net[1](h)), y)
+
+
+def test_missing_grad_counts_watched_steps_in_a_row() -> None:
+    audit = _audit(on_finding="log")
+    zoo.fit(DetachedFrom(37), [audit], data=_data())
+    (finding,) = [f for f in audit.findings if f.code == "missing-grad"]
+    # batches 37 and 38 are 2 steps in a row without a gradient (patience 3); the streak starts
+    # again after the gap, and reaches 3 at batch 64
+    assert finding.step == 64
+    assert finding.params == ("net.0.weight", "net.0.bias")
+
+
+@pytest.mark.parametrize("case", ["manual", "gan-toggle", "mlp-accumulate-2"])
+def test_windows_leave_training_bitwise_unchanged(case: str) -> None:
+    results = []
+    for callbacks in ([], [_audit(on_finding="log")]):
+        torch.manual_seed(0)
+        module, kwargs, data = CLEAN_CASES[case]()
+        zoo.fit(module, callbacks, data=data, **kwargs)
+        results.append(zoo.params_of(module))
+    bare, audited = results
+    assert bare.keys() == audited.keys()
+    for name in bare:
+        assert torch.equal(bare[name], audited[name]), name
+
+
+def test_the_report_states_the_share_of_batches_watched(tmp_path: Path) -> None:
+    audit = _audit(on_finding="log")
+    zoo.fit(zoo.MLP(), [audit], data=_data(), default_root_dir=str(tmp_path))
+    report = json.loads((tmp_path / "grad_audit.json").read_text())
+    overhead = report["overhead"]
+    assert overhead["watched_share"] == pytest.approx(len(_watched(8)) / BATCHES)
+    assert overhead["watch_window_batches"] == 8
+    assert 0 < overhead["measured"]
+
+
+def test_no_windows_under_raise_or_without_a_budget() -> None:
+    assert GradientAudit(on_finding="raise").watch_windows is None
+    assert GradientAudit(max_overhead=None).watch_windows is None
+    audit = GradientAudit(max_overhead=None, checks=[ZeroGradCheck, GradientSanityCheck])
+    zoo.fit(zoo.MLP(), [audit], data=_data())
+    assert all(check.watching for check in audit.checks)
+    sanity = audit.checks[1]
+    assert sanity.steps_checked == BATCHES
