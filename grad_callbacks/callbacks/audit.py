@@ -67,11 +67,11 @@ _HOOKS = [
 ]
 
 #: Share of the overhead budget given to each expensive periodic check.
-BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.6}
+BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.5}
 #: Share of the overhead budget given to the checks that work at every step (those with
 #: ``watches_steps``: ZeroGradCheck, GradientSanityCheck). The rest is left to the cheap
 #: periodic checks and to calling the checks' hooks.
-WATCH_SHARE = 0.25
+WATCH_SHARE = 0.4
 #: Optimizer steps per watch window (at least twice a GradientSanityCheck's patience).
 WATCH_WINDOW_STEPS = 8
 # Per-batch hooks not called on a check while it is not watching.
@@ -153,6 +153,10 @@ class GradientAudit(AuditCallback):
         self._watchers = [c for c in built if c.watches_steps]
         # Checks whose work the budget schedules (the rest of the audit's time is fixed cost).
         self._scheduled = [c for c in built if c.watches_steps or c.budget is not None]
+        # Checks with hooks on tensors or optimizers, timed apart (outside_seconds).
+        self._hooking = [
+            c for c in built if type(c).outside_seconds is not AuditCallback.outside_seconds
+        ]
         #: Which batches the watching checks watch (None: all of them).
         self.watch_windows: WatchWindows | None = None
         if self.budget is not None and on_finding != "raise" and self._watchers:
@@ -202,7 +206,7 @@ class GradientAudit(AuditCallback):
     def audit_seconds(self) -> float:
         """All the time the audit has taken so far: in its hooks (its checks' work and calling
         them) and in the hooks its checks put on tensors and optimizers."""
-        return self._own_seconds + sum(check.outside_seconds for check in self.checks)
+        return self._own_seconds + sum(check.outside_seconds for check in self._hooking)
 
     def _own(self) -> _Timer:
         return _Timer(self, "_own_seconds")
@@ -325,6 +329,8 @@ def _body(check: AuditCallback, name: str) -> Callable[..., None]:
 
 def _forward(name: str) -> Callable[..., None]:
     def hook(self: GradientAudit, *args: Any, **kwargs: Any) -> None:
+        if not self._targets[name] and name not in _BASE_HOOKS:
+            return
         with self._own():
             self._call(name, *args, **kwargs)
             if name in _BASE_HOOKS:
