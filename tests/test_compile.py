@@ -35,7 +35,7 @@ from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
-from grad_callbacks.core.grad_stats import GradSanityMonitor
+from grad_callbacks.core.grad_stats import GradSanityMonitor, LocalGradProbe
 from grad_callbacks.core.ledger import GradientLedger
 from tests import zoo
 
@@ -448,3 +448,25 @@ def test_inductor_runs() -> None:
         assert audited.graphs == plain.graphs >= 1
     summed = run(lambda: Regressor(reduction="sum"), "fit", [audit()], backend="inductor")
     assert summed.codes() == {"reduction-sum"}
+
+
+@pytest.mark.parametrize("untraced", [False, True])
+def test_local_grad_probe_hooks_stay_out_of_a_compiled_backward(untraced: bool) -> None:
+    """GradientSanityCheck's DDP probe under a compiled manual training_step: its tensor hook,
+    called from the backward pass inside compiled code, runs as Python when ``untraced`` (as
+    the check sets it then), and records the same norm either way."""
+    torch._dynamo.reset()
+    w = nn.Parameter(torch.ones(3))
+    probe = LocalGradProbe([w], untraced=untraced)
+
+    @torch.compile(backend="aot_eager")
+    def step(x: torch.Tensor) -> None:
+        (w * x).sum().backward()
+
+    x = torch.arange(3.0)
+    with probing([(LocalGradProbe, "_record")]) as seen:
+        step(x)
+    assert seen == [not untraced]  # traced by dynamo unless untraced
+    norms = probe.take([w])
+    assert norms is not None and torch.allclose(norms, torch.linalg.vector_norm(x).reshape(1))
+    probe.remove()

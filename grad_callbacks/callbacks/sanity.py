@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.callbacks.recompute import training_step_compiled
 from grad_callbacks.core.grad_stats import GradSanityMonitor, GroupSummary, HostCopy, LocalGradProbe
 from grad_callbacks.findings import CODES, make_finding, name_list
 
@@ -108,6 +109,7 @@ class GradientSanityCheck(AuditCallback):
         self._names: dict[int, str] = {}
         self._restored_streaks: list[Any] = []
         self._distributed = False
+        self._untraced = False
         self._gaps = 0  # times the check stopped watching (windows under a budget)
 
     def settings(self) -> dict[str, Any]:
@@ -136,13 +138,16 @@ class GradientSanityCheck(AuditCallback):
         ]
         self._build()
         self._distributed = trainer.world_size > 1
+        # manual optimization under a compiled training_step: backward passes run there
+        self._untraced = training_step_compiled(pl_module)
         if self.watching:
             self._start_probe()
 
     def _start_probe(self) -> None:
         if self._distributed and self._probe is None:
             self._probe = LocalGradProbe(
-                [p for opt in self._optimizers for p in _optimizer_params(opt)]
+                [p for opt in self._optimizers for p in _optimizer_params(opt)],
+                untraced=self._untraced,
             )
 
     def start_watching(self) -> None:

@@ -322,6 +322,9 @@ class LocalGradProbe:
 
     Args:
         params: the parameters to watch (those that do not require gradients are skipped).
+        untraced: run the hooks under ``torch.compiler.disable``, for backward passes called
+            from ``torch.compile``d code (a compiled manual-optimization ``training_step``),
+            where dynamo would otherwise trace them.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2))
@@ -332,9 +335,10 @@ class LocalGradProbe:
         >>> probe.remove()
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], untraced: bool = False) -> None:
         self._norms: dict[int, Tensor] = {}
         self._handles: dict[int, RemovableHandle] = {}
+        self._untraced = untraced
         self.add(params)
 
     def add(self, params: Sequence[Tensor]) -> None:
@@ -346,15 +350,18 @@ class LocalGradProbe:
 
     def _make_hook(self, key: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            if not grad.numel():
-                return
-            with torch.no_grad():
-                dtype = torch.float32 if grad.dtype in LOW_PRECISION else None
-                norm = torch.linalg.vector_norm(grad.detach(), 2, dtype=dtype)
-            prev = self._norms.get(key)
-            self._norms[key] = norm if prev is None else prev + norm
+            self._record(key, grad)
 
-        return hook
+        return torch.compiler.disable(hook) if self._untraced else hook
+
+    def _record(self, key: int, grad: Tensor) -> None:
+        if not grad.numel():
+            return
+        with torch.no_grad():
+            dtype = torch.float32 if grad.dtype in LOW_PRECISION else None
+            norm = torch.linalg.vector_norm(grad.detach(), 2, dtype=dtype)
+        prev = self._norms.get(key)
+        self._norms[key] = norm if prev is None else prev + norm
 
     def take(self, params: Sequence[Tensor]) -> Tensor | None:
         """The recorded norms of ``params`` (0 for those without one), and forget them.
