@@ -57,6 +57,20 @@ def fit(
     return trainer
 
 
+class Square(torch.autograd.Function):
+    """A custom autograd Function, ``x * x``, with the right backward (``2 x``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * grad * x
+
+
 class MLP(L.LightningModule):
     """A clean MLP regressor (automatic optimization)."""
 

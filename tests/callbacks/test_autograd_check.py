@@ -16,18 +16,8 @@ from grad_callbacks.callbacks.autograd_check import AutogradCheck
 from grad_callbacks.core.gradcheck import CallRecorder, check_function, find_custom_functions
 from tests import zoo
 
-
 # ---------------------------------------------------------------------- custom Functions
-class Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return 2 * grad * x
+Square = zoo.Square
 
 
 class BadSquare(Square):

@@ -110,20 +110,6 @@ def test_isolated_in_a_real_run_keeps_logged_metrics() -> None:
 # self.manual_backward(loss). Recomputing it (AutogradCheck does, from on_train_batch_end, when
 # the loss goes through a custom autograd.Function; PerSampleGradientCheck does in automatic
 # optimization) must step nothing, clear nothing and write no .grad.
-class _Square(torch.autograd.Function):
-    """A custom Function: it makes AutogradCheck (in GradientAudit()) recompute training_step."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return 2 * grad * x
-
-
 class _Manual(L.LightningModule):
     """Manual optimization that reaches the optimizer through ``route`` (see training_step)."""
 
@@ -135,7 +121,7 @@ class _Manual(L.LightningModule):
 
     def loss(self, batch: Any) -> torch.Tensor:
         x, y = batch
-        return nn.functional.mse_loss(_Square.apply(self.net(x)), y)
+        return nn.functional.mse_loss(zoo.Square.apply(self.net(x)), y)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         loss = self.loss(batch)
