@@ -121,6 +121,10 @@ class GradientSanityCheck(AuditCallback):
         with self.guarded("reading the gradient statistics"):
             self._flush()
         streaks = self._monitor.streaks() if self._monitor is not None else []
+        if not self.watching:
+            # Saved in a gap between watch windows: the run resumes with a window that does not
+            # follow the last one, so the streaks start again (as they would after the gap).
+            streaks = []
         return {"streaks": [list(s) for s in streaks]}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:

@@ -217,3 +217,12 @@ def test_no_windows_under_raise_or_without_a_budget() -> None:
     assert all(check.watching for check in audit.checks)
     sanity = audit.checks[1]
     assert sanity.steps_checked == BATCHES
+
+
+def test_a_checkpoint_saved_in_a_gap_does_not_carry_streaks_over_it() -> None:
+    audit = _audit(on_finding="log")
+    zoo.fit(DetachedFrom(68), [audit], data=_data())  # batches 68, 69 watched; 70, 71 not
+    sanity = audit.checks[1]
+    assert isinstance(sanity, GradientSanityCheck) and not sanity.watching
+    assert sanity._monitor is not None and sanity._monitor.streaks()  # a streak of 2 at 69
+    assert sanity.extra_state()["streaks"] == []
