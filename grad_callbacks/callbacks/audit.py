@@ -159,9 +159,12 @@ class GradientAudit(AuditCallback):
         ]
         #: Which batches the watching checks watch (None: all of them).
         self.watch_windows: WatchWindows | None = None
-        if self.budget is not None and on_finding != "raise" and self._watchers:
+        # No windows where a watching check must stop training at the bad step.
+        raising = on_finding == "raise" or any(c.on_finding == "raise" for c in self._watchers)
+        if self.budget is not None and not raising and self._watchers:
             self.watch_windows = WatchWindows(self.budget, WATCH_SHARE, WATCH_WINDOW_STEPS)
         self._accumulate = 1
+        self._window_steps = WATCH_WINDOW_STEPS
         # Per hook, the checks that do something in it (the others are not called), with the
         # hook's body: this callback's own hook wrapper already did what the checks' wrappers
         # would (see _call).
@@ -230,8 +233,8 @@ class GradientAudit(AuditCallback):
             self._accumulate = max(1, int(trainer.accumulate_grad_batches))
             if self.watch_windows is not None:
                 patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
-                steps = max(WATCH_WINDOW_STEPS, 2 * patience)
-                self.watch_windows.length = steps * self._accumulate
+                self._window_steps = max(WATCH_WINDOW_STEPS, 2 * patience)
+                self.watch_windows.length = self._window_steps * self._accumulate
             self._call("on_train_start", trainer, pl_module)
             AuditCallback.on_train_start(self, trainer, pl_module)
 
@@ -242,11 +245,15 @@ class GradientAudit(AuditCallback):
         self._batch_started = (time.perf_counter(), self.audit_seconds, scheduled)
         with self._own():
             if self.watch_windows is not None:
-                self._choose_watching(batch_idx)
+                self._choose_watching(trainer, batch_idx)
             self._call("on_train_batch_start", trainer, pl_module, batch, batch_idx)
 
-    def _choose_watching(self, batch_idx: int) -> None:
+    def _choose_watching(self, trainer: pl.Trainer, batch_idx: int) -> None:
         assert self.watch_windows is not None
+        accumulate = max(1, int(trainer.accumulate_grad_batches))
+        if accumulate != self._accumulate:  # a GradientAccumulationScheduler changed it
+            self._accumulate = accumulate
+            self.watch_windows.length = self._window_steps * accumulate
         spent = sum(check.total_seconds for check in self._watchers)
         # A window opens where an accumulation window does, so that its first step's count of
         # micro-batches is exact.

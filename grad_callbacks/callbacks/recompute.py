@@ -330,14 +330,19 @@ def _guarded_backward(original: Any) -> Any:
         if protected is None:  # another thread, or no isolated block open
             return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
+        # Read once: the arguments may be generators, which the call below must still get.
+        for name in ("tensors", "grad_tensors", "inputs"):
+            value = bound.arguments.get(name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                bound.arguments[name] = _as_list(value)
         given = _as_list(bound.arguments.get("inputs"))
         candidates = given or _graph_leaves(_as_list(bound.arguments["tensors"]))
         allowed = [c for c in candidates if id(_edge_variable(c)) not in protected]
-        if len(allowed) == len(candidates):
-            return original(*args, **kwargs)  # nothing live reached: unchanged, errors included
-        if not allowed:
+        if not allowed and candidates:
             return None
-        bound.arguments["inputs"] = allowed
+        if len(allowed) < len(candidates):
+            bound.arguments["inputs"] = allowed
+        # nothing live reached: the call as made, errors included
         return original(*bound.args, **bound.kwargs)
 
     return backward

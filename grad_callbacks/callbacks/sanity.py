@@ -110,6 +110,7 @@ class GradientSanityCheck(AuditCallback):
         self._restored_streaks: list[Any] = []
         self._distributed = False
         self._untraced = False
+        self._probe_seconds = 0.0  # of probes released
         self._gaps = 0  # times the check stopped watching (windows under a budget)
 
     def settings(self) -> dict[str, Any]:
@@ -294,8 +295,15 @@ class GradientSanityCheck(AuditCallback):
 
     def release(self) -> None:
         if self._probe is not None:
+            self._probe_seconds += self._probe.hook_seconds
             self._probe.remove()
             self._probe = None
+
+    @property
+    def outside_seconds(self) -> float:
+        # Under DDP the probe's tensor hooks run inside backward passes.
+        probe = self._probe.hook_seconds if self._probe is not None else 0.0
+        return self._probe_seconds + probe
 
     def _report_summary(self, s: GroupSummary) -> None:
         opt = self._optimizer_names[s.group] if s.group < len(self._optimizer_names) else "?"

@@ -207,7 +207,10 @@ class ZeroGradCheck(AuditCallback):
                     data={"optimizer": audit.optimizer_index},
                 )
             )
-        k, n = audit.microbatches, self._accumulate
+        # read at each step: a GradientAccumulationScheduler changes it between epochs
+        trainer = self._trainer
+        n = int(trainer.accumulate_grad_batches) if trainer is not None else self._accumulate
+        k = audit.microbatches
         if self._automatic and n > 1 and 0 < k < n and audit.clean:
             findings.append(
                 make_finding(

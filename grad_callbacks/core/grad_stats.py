@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -339,6 +340,8 @@ class LocalGradProbe:
         self._norms: dict[int, Tensor] = {}
         self._handles: dict[int, RemovableHandle] = {}
         self._untraced = untraced
+        #: Seconds spent in the hooks (autograd calls them inside backward passes).
+        self.hook_seconds = 0.0
         self.add(params)
 
     def add(self, params: Sequence[Tensor]) -> None:
@@ -357,11 +360,13 @@ class LocalGradProbe:
     def _record(self, key: int, grad: Tensor) -> None:
         if not grad.numel():
             return
+        start = time.perf_counter()
         with torch.no_grad():
             dtype = torch.float32 if grad.dtype in LOW_PRECISION else None
             norm = torch.linalg.vector_norm(grad.detach(), 2, dtype=dtype)
         prev = self._norms.get(key)
         self._norms[key] = norm if prev is None else prev + norm
+        self.hook_seconds += time.perf_counter() - start
 
     def take(self, params: Sequence[Tensor]) -> Tensor | None:
         """The recorded norms of ``params`` (0 for those without one), and forget them.

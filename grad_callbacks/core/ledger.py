@@ -192,16 +192,20 @@ class GradientLedger:
                 self._names.setdefault(id(p), f"optimizer{i}.param{j}")
             hook = self._untraced(self._make_step_hook(i))
             self._opt_handles.append(opt.register_step_post_hook(hook))
-        self.refresh()
+        self._hook_new(held_is_old=True)
 
     def refresh(self) -> None:
         """Hook parameters that became trainable since :meth:`attach` (e.g. an unfrozen layer)."""
-        if self._paused:
-            return
+        if not self._paused:
+            # Unfrozen while watched: what .grad holds may be this very batch's gradient (a
+            # layer unfrozen inside training_step), so it is not taken for an old one.
+            self._hook_new(held_is_old=False)
+
+    def _hook_new(self, held_is_old: bool) -> None:
         for params in self._opt_params:
             for p in params:
                 if p.requires_grad and id(p) not in self._hooked:
-                    self._hook_param(p)
+                    self._hook_param(p, held_is_old)
 
     def detach(self) -> None:
         """Remove every hook; the ledger stops recording."""
@@ -233,11 +237,12 @@ class GradientLedger:
         self._audited_ahead = [False] * len(self.optimizers)
         self.attach()
 
-    def _hook_param(self, p: Tensor) -> None:
+    def _hook_param(self, p: Tensor, held_is_old: bool) -> None:
         state = _ParamState(self._names.get(id(p), f"param@{id(p):x}"))
         self._states[id(p)] = state
         if p.grad is not None:
-            state.contributions.append(_BEFORE)
+            if held_is_old:
+                state.contributions.append(_BEFORE)
             self._remember_grad(state, p.grad)
         ref = weakref.ref(p)
 

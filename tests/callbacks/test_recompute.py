@@ -338,3 +338,18 @@ def test_real_optimizers_and_schedulers_are_put_back_exactly_even_on_error() -> 
     assert _same(raw.state_dict(), state)
     assert all(p.grad is not None for p in module.parameters())
     assert torch.autograd.backward is _ORIGINAL_BACKWARD
+
+
+def test_backward_given_generators_inside_isolated_works_as_in_torch() -> None:
+    """torch.autograd.backward accepts iterables: the guard reads them once and still passes
+    them on (a generator used up by the guard left the gradient unfilled)."""
+    m = nn.Linear(2, 1)
+    x = torch.ones(1, 2, requires_grad=True)
+    with isolated(m):
+        torch.autograd.backward(t for t in [m(x).sum()])
+    assert x.grad is not None and torch.equal(x.grad, m.weight.detach().clone())
+    assert m.weight.grad is None  # the live parameter is left out
+    x.grad = None
+    with isolated(m):
+        torch.autograd.backward([m(x).sum()], inputs=(t for t in [x]))
+    assert x.grad is not None and m.weight.grad is None

@@ -366,3 +366,12 @@ def test_streaks_survive_a_resume_so_missing_grad_fires_at_the_same_step(tmp_pat
         expected.params,
         2,  # the first step after the resume: 2 steps before it, 1 after
     )
+
+
+def test_the_local_probe_times_its_hooks() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    probe = LocalGradProbe([w])
+    assert probe.hook_seconds == 0.0
+    (w * 2).sum().backward()
+    assert probe.hook_seconds > 0.0
+    probe.remove()

@@ -226,3 +226,46 @@ def test_a_checkpoint_saved_in_a_gap_does_not_carry_streaks_over_it() -> None:
     assert isinstance(sanity, GradientSanityCheck) and not sanity.watching
     assert sanity._monitor is not None and sanity._monitor.streaks()  # a streak of 2 at 69
     assert sanity.extra_state()["streaks"] == []
+
+
+class UnfreezeInStep(zoo.MLP):
+    """Clean: the first layer is in the optimizer but frozen until ``training_step`` of batch
+    ``at`` unfreezes it (after the callbacks' on_train_batch_start)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__("sgd")
+        self.at = at
+        self.net[0].requires_grad_(False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == self.at:
+            self.net[0].requires_grad_(True)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("at", [5, 33])  # in the first window, and in the second
+def test_a_layer_unfrozen_inside_a_watched_batch_is_not_stale(at: int) -> None:
+    """Hooked mid-batch, the layer's .grad already holds this batch's gradient: not an old one."""
+    for audit in (_audit(on_finding="log"), ZeroGradCheck(on_finding="log")):
+        zoo.fit(UnfreezeInStep(at), [audit], data=_data())
+        assert _alarms(audit.findings) == []
+
+
+def test_a_watching_check_that_raises_turns_the_windows_off() -> None:
+    assert GradientAudit(checks=[ZeroGradCheck(on_finding="raise")]).watch_windows is None
+    assert GradientAudit(checks=[GradientSanityCheck(on_finding="raise")]).watch_windows is None
+    assert GradientAudit(checks=[ZeroGradCheck, GradientSanityCheck]).watch_windows is not None
+
+
+def test_windows_follow_a_gradient_accumulation_scheduler() -> None:
+    """accumulate_grad_batches goes from 1 to 2 at epoch 1: windows then last 16 batches and
+    open at even batches, so no window's first step sees half an accumulation window."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    audit = _audit(on_finding="log")
+    scheduler = GradientAccumulationScheduler(scheduling={1: 2})
+    zoo.fit(zoo.MLP(), [scheduler, audit], data=zoo.regression_data(n=4 * 41), max_epochs=2)
+    windows = audit.watch_windows
+    assert windows is not None and windows.length == 16
+    # the third window would open at epoch 1's batch 21, and waits for batch 22
+    assert audit.findings == []

@@ -201,3 +201,17 @@ def test_gradient_audit_reads_sanity_every_50_steps_unless_told_or_raising() -> 
     assert sanity(GradientAudit()).every_n_steps == 50
     assert sanity(GradientAudit(every_n_steps=3)).every_n_steps == 3
     assert sanity(GradientAudit(on_finding="raise")).every_n_steps == 1
+
+
+def test_gradient_accumulation_scheduler_short_window_is_read_at_each_step() -> None:
+    """accumulate_grad_batches changes from 1 to 3 at epoch 1 (GradientAccumulationScheduler):
+    the 7-batch epoch ends with a 1-micro-batch window, reported as such."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    check = ZeroGradCheck(on_finding="log")
+    scheduler = GradientAccumulationScheduler(scheduling={1: 3})
+    zoo.fit(zoo.MLP(), [scheduler, check], max_epochs=2)
+    (finding,) = check.findings
+    assert finding.code == "short-accumulation-window"
+    assert finding.data == {"microbatches": 1, "accumulate_grad_batches": 3, "weight": 1 / 3}
+    assert finding.step == 7 + 2  # epoch 0: 7 steps; epoch 1: steps after batches 2 and 5
