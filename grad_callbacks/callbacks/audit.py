@@ -57,14 +57,15 @@ _BASE_HOOKS = {
     "on_fit_end",
     "on_exception",
 }
-# Hooks GradientAudit defines itself (they time the batch around the checks' own hooks;
-# on_train_start and on_before_optimizer_step are its own too).
-_TIMING_HOOKS = {"on_train_batch_start", "on_train_batch_end"}
-_HOOKS = [
-    name
-    for name in CALLBACK_HOOKS
-    if name not in _TIMING_HOOKS and name not in ("on_before_optimizer_step", "on_train_start")
-]
+# Hooks GradientAudit defines itself (the batch hooks time the batch around the checks' own
+# hooks); every other hook is forwarded to the checks (_forward).
+_OWN_HOOKS = {
+    "on_train_start",
+    "on_train_batch_start",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+}
+_HOOKS = [name for name in CALLBACK_HOOKS if name not in _OWN_HOOKS]
 
 #: Share of the overhead budget given to each expensive periodic check.
 BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.5}
@@ -128,7 +129,6 @@ class GradientAudit(AuditCallback):
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         self._batch_started: tuple[float, float, float] | None = None
         self._own_seconds = 0.0  # in this callback's hooks, its checks' included
-        self._batches = 0
         self._every_n_steps_given = every_n_steps
         # One pass of gradient norms per optimizer step for the checks that read them.
         self._norm_cache = NormCache()
@@ -163,7 +163,6 @@ class GradientAudit(AuditCallback):
         raising = on_finding == "raise" or any(c.on_finding == "raise" for c in self._watchers)
         if self.budget is not None and not raising and self._watchers:
             self.watch_windows = WatchWindows(self.budget, WATCH_SHARE, WATCH_WINDOW_STEPS)
-        self._accumulate = 1
         self._window_steps = WATCH_WINDOW_STEPS
         # Per hook, the checks that do something in it (the others are not called), with the
         # hook's body: this callback's own hook wrapper already did what the checks' wrappers
@@ -230,11 +229,8 @@ class GradientAudit(AuditCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with self._own():
-            self._accumulate = max(1, int(trainer.accumulate_grad_batches))
-            if self.watch_windows is not None:
-                patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
-                self._window_steps = max(WATCH_WINDOW_STEPS, 2 * patience)
-                self.watch_windows.length = self._window_steps * self._accumulate
+            patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
+            self._window_steps = max(WATCH_WINDOW_STEPS, 2 * patience)
             self._call("on_train_start", trainer, pl_module)
             AuditCallback.on_train_start(self, trainer, pl_module)
 
@@ -250,16 +246,14 @@ class GradientAudit(AuditCallback):
 
     def _choose_watching(self, trainer: pl.Trainer, batch_idx: int) -> None:
         assert self.watch_windows is not None
+        # Read at every batch: a GradientAccumulationScheduler changes it between epochs.
         accumulate = max(1, int(trainer.accumulate_grad_batches))
-        if accumulate != self._accumulate:  # a GradientAccumulationScheduler changed it
-            self._accumulate = accumulate
-            self.watch_windows.length = self._window_steps * accumulate
+        self.watch_windows.length = self._window_steps * accumulate
         spent = sum(check.total_seconds for check in self._watchers)
         # A window opens where an accumulation window does, so that its first step's count of
         # micro-batches is exact.
-        aligned = batch_idx % self._accumulate == 0
-        watch = self.watch_windows.watch(self._batches, spent, may_open=aligned)
-        self._batches += 1
+        aligned = batch_idx % accumulate == 0
+        watch = self.watch_windows.watch(spent, may_open=aligned)
         for check in self._watchers:
             if check.watching != watch:
                 check.start_watching() if watch else check.stop_watching()

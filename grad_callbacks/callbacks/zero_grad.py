@@ -55,7 +55,6 @@ class ZeroGradCheck(AuditCallback):
     def __init__(self, *, every_n_steps: int = 1, on_finding: OnFinding = "warn") -> None:
         super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
         self._ledger: GradientLedger | None = None
-        self._accumulate = 1
         self._automatic = True
         self._optimizer_names: list[str] = []
         self._steps_taken: list[int] = []
@@ -64,7 +63,6 @@ class ZeroGradCheck(AuditCallback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._accumulate = int(trainer.accumulate_grad_batches)
         self._automatic = bool(pl_module.automatic_optimization)
         optimizers = list(trainer.optimizers)
         self._optimizer_names = [
@@ -208,8 +206,7 @@ class ZeroGradCheck(AuditCallback):
                 )
             )
         # read at each step: a GradientAccumulationScheduler changes it between epochs
-        trainer = self._trainer
-        n = int(trainer.accumulate_grad_batches) if trainer is not None else self._accumulate
+        n = int(self._trainer.accumulate_grad_batches) if self._trainer is not None else 1
         k = audit.microbatches
         if self._automatic and n > 1 and 0 < k < n and audit.clean:
             findings.append(

@@ -111,8 +111,8 @@ class WatchWindows:
         >>> windows = WatchWindows(budget, share=0.5, length=2)
         >>> spent = 0.0
         >>> watched = []
-        >>> for batch in range(12):
-        ...     watched.append(windows.watch(batch, spent))
+        >>> for _ in range(12):
+        ...     watched.append(windows.watch(spent))
         ...     spent += 0.0003 if watched[-1] else 0.0  # 0.3 ms per watched batch
         >>> [b for b, w in enumerate(watched) if w]  # 0.6 ms per window / 0.15 ms per batch
         [0, 1, 4, 5, 8, 9]
@@ -127,18 +127,18 @@ class WatchWindows:
         self._opened_at: int | None = None
         self._spent_at_open = 0.0
         self._next_open = 0
-        #: Batches seen and batches watched so far.
+        #: Batches seen (the next batch's number, from 0 over the whole run) and watched so far.
         self.batches = 0
         self.watched = 0
 
-    def watch(self, batch: int, spent: float, may_open: bool = True) -> bool:
-        """Whether to watch ``batch``; call once per batch, in order.
+    def watch(self, spent: float, may_open: bool = True) -> bool:
+        """Whether to watch the next batch; call once per batch, in order.
 
         Args:
-            batch: the batch's number, counted from 0 over the whole run.
             spent: the watching checks' time so far, in seconds (it only grows).
             may_open: whether a window may open at this batch.
         """
+        batch = self.batches
         self.batches += 1
         if self._opened_at is not None:
             if batch < self._opened_at + self.length:

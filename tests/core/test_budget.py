@@ -55,8 +55,8 @@ def test_watch_windows_follow_the_budget() -> None:
     budget.record_step(train_seconds=0.010, check_seconds=0.0)
     windows = WatchWindows(budget, share=1.0, length=4)
     spent, watched = 0.0, []
-    for batch in range(40):
-        watched.append(windows.watch(batch, spent))
+    for _ in range(40):
+        watched.append(windows.watch(spent))
         spent += 0.00059 if watched[-1] else 0.0  # 2.36 ms per window / 0.3 ms: 7.9
     assert [b for b, w in enumerate(watched) if w] == [
         b for start in range(0, 40, 8) for b in range(start, start + 4)
@@ -68,16 +68,16 @@ def test_cheap_watching_watches_every_batch_and_windows_open_only_where_allowed(
     budget = OverheadBudget(max_overhead=0.03)
     budget.record_step(train_seconds=0.010, check_seconds=0.0)
     windows = WatchWindows(budget, share=1.0, length=3)
-    assert all(windows.watch(b, spent=1e-6 * b) for b in range(20))
+    assert all(windows.watch(spent=1e-6 * b) for b in range(20))
     # Expensive windows, and a window may open only at even batches.
     windows = WatchWindows(budget, share=1.0, length=2)
     spent, opened = 0.0, []
     for batch in range(30):
         was = windows._opened_at
-        if windows.watch(batch, spent, may_open=batch % 2 == 0):
+        if windows.watch(spent, may_open=batch % 2 == 0):
             spent += 0.00089  # 1.78 ms per window: 5.9 batches apart
             if windows._opened_at != was:
                 opened.append(batch)
     assert opened == [0, 6, 12, 18, 24]
     assert all(b % 2 == 0 for b in opened)
-    assert WatchWindows(None, share=1.0, length=2).watch(0, 0.0)
+    assert WatchWindows(None, share=1.0, length=2).watch(0.0)
