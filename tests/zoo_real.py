@@ -1,0 +1,254 @@
+"""Real models as users train them: tiny-config Hugging Face ``transformers`` models, Lightning's
+own demos, ``torch.nn`` recurrent models. Random data, no downloads.
+
+Every module here is a *clean* model: the audit must stay quiet on it (no warning or error
+finding) with its checks actually run, and training must be bitwise identical with and without
+the audit. Tests plant bugs by subclassing or by the constructor flags documented on each class.
+
+``transformers`` is an optional test dependency (pinned in the ``dev`` extra): tests that use the
+Hugging Face models call :func:`require_transformers` first and skip cleanly without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.demos import LightningLSTM, LightningTransformer
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+VOCAB = 64
+PAD = 0
+
+
+def require_transformers() -> Any:
+    """Import ``transformers`` or skip the calling test."""
+    return pytest.importorskip("transformers")
+
+
+# ---------------------------------------------------------------------------------- data
+class TokenBatches(Dataset):
+    """Sequences of random token ids with random lengths, padded with ``PAD``.
+
+    Each item is a dict: ``input_ids``, ``attention_mask`` (1 on real tokens), ``labels`` (the ids,
+    ``-100`` on padding), and with ``text=True`` a ``text`` string that default_collate keeps as a
+    list of strings (as a tokenizer pipeline leaves it in the batch).
+    """
+
+    def __init__(
+        self,
+        n: int = 32,
+        length: int = 12,
+        min_length: int = 3,
+        seed: int = 0,
+        text: bool = False,
+        num_labels: int | None = None,
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items: list[dict[str, Any]] = []
+        for i in range(n):
+            real = int(torch.randint(min_length, length + 1, (), generator=g))
+            ids = torch.full((length,), PAD, dtype=torch.long)
+            ids[:real] = torch.randint(1, VOCAB, (real,), generator=g)
+            mask = (torch.arange(length) < real).long()
+            labels = ids.masked_fill(mask == 0, -100)
+            item: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            if num_labels is not None:
+                item["labels"] = torch.randint(0, num_labels, (), generator=g)
+            if text:
+                item["text"] = f"sample {i} with {real} tokens"
+            self.items.append(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def token_loader(batch_size: int = 8, **kwargs: Any) -> DataLoader:
+    return DataLoader(TokenBatches(**kwargs), batch_size=batch_size)
+
+
+def image_loader(n: int = 16, batch_size: int = 4, size: int = 16, classes: int = 3) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {"pixel_values": torch.randn(3, size, size, generator=g), "labels": torch.tensor(i % classes)}
+        for i in range(n)
+    ]
+    return DataLoader(items, batch_size=batch_size)
+
+
+def sequence_loader(
+    n: int = 32, length: int = 10, batch_size: int = 8, vocab: int = VOCAB
+) -> DataLoader:
+    """(input, target) pairs of token ids shifted by one, as Lightning's demos train on."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (n, length + 1), generator=g)
+    pairs = list(zip(tokens[:, :-1], tokens[:, 1:], strict=True))
+    return DataLoader(pairs, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------- HF models
+class HFModule(L.LightningModule):
+    """A ``transformers`` model trained on dict batches with its own loss (``outputs.loss``).
+
+    Args:
+        kind: ``"gpt2"`` (causal LM, tied embeddings), ``"llama"`` (causal LM, RMSNorm, rotary),
+            ``"bert"`` (sequence classification), ``"t5"`` / ``"bart"`` (seq2seq with -100 labels),
+            ``"vit"`` (image classification).
+        gradient_checkpointing: turn on the model's gradient checkpointing.
+        lr: SGD learning rate.
+    """
+
+    def __init__(self, kind: str = "gpt2", gradient_checkpointing: bool = False, lr: float = 0.05):
+        super().__init__()
+        self.kind = kind
+        self.lr = lr
+        self.model = build_hf_model(kind)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if k != "text"}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(**self.model_inputs(batch)).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def build_hf_model(kind: str) -> nn.Module:
+    """A randomly initialised tiny-config model of ``kind`` (seeded by the caller)."""
+    tf = require_transformers()
+    small = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    if kind == "gpt2":
+        config = tf.GPT2Config(
+            vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+            tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+        return tf.GPT2LMHeadModel(config)
+    if kind == "llama":
+        config = tf.LlamaConfig(
+            vocab_size=VOCAB, max_position_embeddings=32, num_key_value_heads=1, **small
+        )
+        return tf.LlamaForCausalLM(config)
+    if kind == "bert":
+        config = tf.BertConfig(
+            vocab_size=VOCAB, max_position_embeddings=32, num_labels=3,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **small,
+        )
+        return tf.BertForSequenceClassification(config)
+    if kind == "t5":
+        config = tf.T5Config(
+            vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+            decoder_start_token_id=PAD, pad_token_id=PAD, dropout_rate=0.0,
+        )
+        return tf.T5ForConditionalGeneration(config)
+    if kind == "bart":
+        config = tf.BartConfig(
+            vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+            decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=PAD,
+            decoder_start_token_id=2, bos_token_id=1, eos_token_id=2, dropout=0.0,
+            attention_dropout=0.0, activation_dropout=0.0,
+        )
+        return tf.BartForConditionalGeneration(config)
+    if kind == "vit":
+        config = tf.ViTConfig(
+            image_size=16, patch_size=8, num_channels=3, num_labels=3,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **small,
+        )
+        return tf.ViTForImageClassification(config)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def hf_loader(kind: str, batch_size: int = 8, n: int = 32) -> DataLoader:
+    """Random data in the form ``kind`` trains on."""
+    if kind == "vit":
+        return image_loader(n=n, batch_size=batch_size)
+    if kind == "bert":
+        return token_loader(batch_size=batch_size, n=n, text=True, num_labels=3)
+    return token_loader(batch_size=batch_size, n=n)
+
+
+# ------------------------------------------------------------------- Lightning's demos
+class DemoLSTM(LightningLSTM):
+    """``lightning.pytorch.demos.LightningLSTM`` (carries ``self.hidden`` across batches) on random
+    tokens instead of WikiText2. Its ``training_step`` is Lightning's own, unchanged."""
+
+    def __init__(self, vocab_size: int = VOCAB) -> None:
+        super().__init__(vocab_size=vocab_size)
+        self.vocab_size = vocab_size
+
+    def prepare_data(self) -> None:  # WikiText2 would download
+        pass
+
+    def train_dataloader(self) -> DataLoader:
+        return sequence_loader(vocab=self.vocab_size, batch_size=8)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class DemoTransformer(LightningTransformer):
+    """``lightning.pytorch.demos.LightningTransformer`` (``forward(inputs, target)``) on random
+    tokens. Its ``training_step`` is Lightning's own, unchanged."""
+
+    def __init__(self, vocab_size: int = VOCAB) -> None:
+        super().__init__(vocab_size=vocab_size)
+        self.vocab_size = vocab_size
+
+    def prepare_data(self) -> None:
+        pass
+
+    def train_dataloader(self) -> DataLoader:
+        return sequence_loader(vocab=self.vocab_size, batch_size=8)
+
+
+# --------------------------------------------------------------------- recurrent models
+class RNNTagger(L.LightningModule):
+    """``nn.LSTM`` / ``nn.GRU`` over embedded tokens, a mean of per-token cross-entropy.
+
+    Args:
+        cell: ``"lstm"`` or ``"gru"``.
+        batch_first: the recurrent layer's layout; with ``False`` the model transposes to
+            sequence-first and back (where a ``view`` in place of ``transpose`` mixes samples).
+    """
+
+    def __init__(self, cell: str = "lstm", batch_first: bool = False, hidden: int = 16):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(VOCAB, hidden)
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.rnn = rnn(hidden, hidden, batch_first=batch_first)
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)  # (B, T, H)
+        if self.batch_first:
+            out, _ = self.rnn(x)
+        else:
+            out, _ = self.rnn(x.transpose(0, 1))  # (T, B, H)
+            out = out.transpose(0, 1)
+        return self.head(out)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        tokens, target = batch
+        logits = self(tokens)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
