@@ -77,8 +77,11 @@ def token_loader(batch_size: int = 8, **kwargs: Any) -> DataLoader:
 def image_loader(n: int = 16, batch_size: int = 4, size: int = 16, classes: int = 3) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     items = [
-        {"pixel_values": torch.randn(3, size, size, generator=g), "labels": torch.tensor(i % k)}
-        for i, k in zip(range(n), [classes] * n, strict=True)
+        {
+            "pixel_values": torch.randn(3, size, size, generator=g),
+            "labels": torch.tensor(i % classes),
+        }
+        for i in range(n)
     ]
     return DataLoader(items, batch_size=batch_size)
 
