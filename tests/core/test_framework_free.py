@@ -1,4 +1,5 @@
-"""The core is plain torch: no module under grad_callbacks/core imports Lightning."""
+"""The core is plain torch: no module under grad_callbacks/core (sub-packages included) imports
+Lightning."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ CORE = Path(__file__).resolve().parents[2] / "grad_callbacks" / "core"
 
 def test_no_core_module_imports_lightning() -> None:
     offenders = []
-    for path in sorted(CORE.glob("*.py")):
+    for path in sorted(CORE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
@@ -18,7 +19,7 @@ def test_no_core_module_imports_lightning() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             offenders += [
-                f"{path.name}: {n}"
+                f"{path.relative_to(CORE)}: {n}"
                 for n in names
                 if n.split(".")[0] in ("lightning", "pytorch_lightning")
                 or n.startswith("grad_callbacks.callbacks")

@@ -25,19 +25,33 @@ express; manual optimization needs it, since its ``training_step`` steps the opt
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.recompute import RngState, capture_rng, isolated
+from grad_callbacks.callbacks.per_sample.comparison import _Comparison, _MicroBatch
+from grad_callbacks.callbacks.per_sample.losses import (
+    PerSampleLoss,
+    _NoLoss,
+    sample_losses,
+    training_loss,
+)
+from grad_callbacks.callbacks.per_sample.replay import (
+    average_over_ranks,
+    params_of,
+    replay_window,
+)
+from grad_callbacks.callbacks.per_sample.verdicts import (
+    bn_coupling_finding,
+    mismatch_finding,
+    reduction_findings,
+    sample_findings,
+)
+from grad_callbacks.callbacks.recompute import capture_rng, isolated
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.diagnosis import (
     MISMATCH_TOL,
@@ -45,118 +59,13 @@ from grad_callbacks.core.diagnosis import (
     coupling_tolerance,
     judge_samples,
     relative_error,
-    worst_params,
 )
 from grad_callbacks.core.per_sample import (
     PerSampleGradError,
     PerSampleStats,
     ScaleFit,
-    batchnorm_eval,
-    fit_scale,
     gradient_noise_scale,
-    loss_grad,
-    per_sample_grad_stats,
 )
-from grad_callbacks.findings import CODES, make_finding
-
-PerSampleLoss = Callable[[nn.Module, Any], Tensor]
-
-
-class _NoLoss(RuntimeError):
-    """training_step returned no loss."""
-
-
-@dataclass(frozen=True)
-class _MicroBatch:
-    batch: Any
-    batch_idx: int
-    rng: RngState
-
-
-@dataclass(frozen=True)
-class _Comparison:
-    """One per-sample comparison: a batch, the parameters, and the two losses to differentiate."""
-
-    pl_module: pl.LightningModule
-    micro: _MicroBatch
-    batch: Any
-    n: int
-    params: dict[str, Tensor]
-    per_sample_fn: Callable[[nn.Module, Any], Tensor]
-    batch_fn: Callable[[nn.Module, Any], Tensor]
-    chunk_size: int
-    method: str
-
-    def fit(self, eval_bn: bool = False) -> tuple[ScaleFit, PerSampleStats]:
-        """Per-sample statistics and the fit of the batch gradient on their mean."""
-        with (
-            isolated(self.pl_module, rng_state=self.micro.rng),
-            _stochastic_layers_off(self.pl_module),
-            batchnorm_eval(self.pl_module) if eval_bn else nullcontext(),
-        ):
-            batch_grad = loss_grad(self.pl_module, self.batch_fn, self.batch, params=self.params)
-            stats = per_sample_grad_stats(
-                self.pl_module,
-                self.per_sample_fn,
-                self.batch,
-                params=self.params,
-                chunk_size=self.chunk_size,
-                method=self.method,  # type: ignore[arg-type]
-                size=self.n,
-            )
-        return fit_scale(batch_grad, stats.mean_grad), stats
-
-    def loss_is_random(self, tol: float) -> bool:
-        """Whether the batch gradient changes with the random stream, dropout layers off.
-
-        Noise drawn in ``training_step`` itself (``torch.randn_like`` augmentation, random
-        masking) cannot be drawn alike in the batch and per-sample passes, so their difference
-        says nothing about coupling.
-        """
-        grads = []
-        module = self.pl_module
-        for seed in (None, 1234567):
-            with isolated(module, rng_state=self.micro.rng), _stochastic_layers_off(module):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                grads.append(loss_grad(module, self.batch_fn, self.batch, params=self.params))
-        return float(relative_error(grads[1], grads[0])) > tol
-
-
-def _loss_of(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
-        return output["loss"]
-    raise _NoLoss(
-        "training_step returned "
-        + ("None" if output is None else type(output).__name__)
-        + " instead of a loss tensor (or a dict with 'loss')"
-    )
-
-
-@contextmanager
-def _stochastic_layers_off(module: nn.Module) -> Iterator[None]:
-    """Every submodule but normalization layers in eval mode; each flag restored afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        for m, _ in flags:
-            if not isinstance(m, _BatchNorm):
-                m.training = False
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _over(values: Mapping[str, Tensor], tol: float) -> tuple[str, ...]:
-    """Names whose value exceeds ``tol``, in the mapping's (module) order."""
-    flags = torch.stack([v.double() > tol for v in values.values()]).tolist()
-    return tuple(name for name, flag in zip(values, flags, strict=True) if flag)
-
-
-def _module_of(param_name: str) -> str:
-    return param_name.rpartition(".")[0] or "(root)"
 
 
 class PerSampleGradientCheck(AuditCallback):
@@ -291,7 +200,7 @@ class PerSampleGradientCheck(AuditCallback):
         with self.timed():
             self.steps_checked += 1
             raw = getattr(optimizer, "_optimizer", optimizer)
-            params = self._params_of(pl_module, raw)
+            params = params_of(pl_module, raw)
             if params:
                 with self.guarded("the per-sample comparison"):
                     self._compare_per_sample(pl_module, window[-1], params)
@@ -299,39 +208,15 @@ class PerSampleGradientCheck(AuditCallback):
                     self._check_optimizer_grad(trainer, pl_module, raw, window, params)
         self._plan_next_run(trainer, step, self.seconds_spent - spent_before)
 
-    # ------------------------------------------------------------------ losses
-    def _training_loss(self, batch_idx: int) -> Callable[[nn.Module, Any], Tensor]:
-        def loss(module: nn.Module, batch: Any) -> Tensor:
-            return _loss_of(module.training_step(batch, batch_idx))  # type: ignore[operator]
-
-        return loss
-
-    def _sample_losses(self, pl_module: pl.LightningModule) -> PerSampleLoss | None:
-        if self.per_sample_loss is not None:
-            return self.per_sample_loss
-        method = getattr(pl_module, "per_sample_loss", None)
-        if callable(method):
-            return lambda module, batch: module.per_sample_loss(batch)  # type: ignore[operator]
-        return None
-
-    @staticmethod
-    def _params_of(pl_module: pl.LightningModule, optimizer: Any) -> dict[str, Tensor]:
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return {
-            name: p
-            for name, p in pl_module.named_parameters()
-            if id(p) in owned and p.requires_grad
-        }
-
     # ------------------------------------------------------------------ per-sample comparison
     def _compare_per_sample(
         self, pl_module: pl.LightningModule, micro: _MicroBatch, params: dict[str, Tensor]
     ) -> None:
-        sample_losses = self._sample_losses(pl_module)
+        losses = sample_losses(self.per_sample_loss, pl_module)
         b = batch_size(micro.batch)
-        if b is None and sample_losses is not None:
+        if b is None and losses is not None:
             with isolated(pl_module, rng_state=micro.rng), torch.no_grad():
-                b = len(sample_losses(pl_module, micro.batch))
+                b = len(losses(pl_module, micro.batch))
         if b is None:
             self.skip(
                 "cannot tell the batch dimension of this batch (no tensors, or tensors whose "
@@ -344,15 +229,15 @@ class PerSampleGradientCheck(AuditCallback):
             return
         n = min(b, self.max_samples)
         batch = slice_batch(micro.batch, slice(0, n), size=b) if n < b else micro.batch
-        if sample_losses is not None:
-            per_sample_fn = lambda m, x: sample_losses(m, x).sum()  # noqa: E731
+        if losses is not None:
+            per_sample_fn = lambda m, x: losses(m, x).sum()  # noqa: E731
             batch_fn = (
-                self._training_loss(micro.batch_idx)
+                training_loss(micro.batch_idx)
                 if pl_module.automatic_optimization
-                else lambda m, x: sample_losses(m, x).mean()
+                else lambda m, x: losses(m, x).mean()
             )
         elif pl_module.automatic_optimization:
-            per_sample_fn = batch_fn = self._training_loss(micro.batch_idx)
+            per_sample_fn = batch_fn = training_loss(micro.batch_idx)
         else:
             self.skip(
                 "manual optimization: training_step steps the optimizers itself and cannot be "
@@ -378,7 +263,11 @@ class PerSampleGradientCheck(AuditCallback):
             # something else failed, the eval-mode attempt fails too and the check is skipped.
             fit, stats = comparison.fit(eval_bn=True)
             eval_bn = True
-            self._report_bn_coupling(fit=None, n=n, reason=str(exc))
+            self.report(
+                bn_coupling_finding(
+                    step=self.current_step, n=n, residual=float("nan"), reason=str(exc)
+                )
+            )
         self.last_stats = stats
         self._judge(comparison, fit, stats, train_bn and not eval_bn)
 
@@ -397,41 +286,20 @@ class PerSampleGradientCheck(AuditCallback):
             "norm_max": samples.norm_quantiles[2],
             "noise_scale": float(gradient_noise_scale(stats)),
         }
+        for finding in sample_findings(
+            samples,
+            step=step,
+            n=n,
+            batch_idx=micro.batch_idx,
+            outlier_factor=self.outlier_factor,
+            outlier_share=self.outlier_share,
+        ):
+            self.report(finding)
         if samples.nonfinite:
-            idx = list(samples.nonfinite)
-            self.report(
-                make_finding(
-                    "per-sample-nonfinite",
-                    check=self.check_name,
-                    step=step,
-                    message=(
-                        f"{len(idx)} of {n} samples have NaN/Inf gradients: batch indices "
-                        f"{idx[:20]}{' ...' if len(idx) > 20 else ''} (batch_idx "
-                        f"{micro.batch_idx}). Fix: {CODES['per-sample-nonfinite'].fix}."
-                    ),
-                    data={"indices": idx, "batch_idx": micro.batch_idx, "samples": n},
-                )
-            )
             self.queue_scalars(scalars)
             return  # the batch gradient is non-finite too: nothing more to compare
         scalars.update({"scale": scale, "residual": residual, "cosine": cosine})
         self.queue_scalars(scalars)
-        if samples.outliers:
-            idx = list(samples.outliers)
-            self.report(
-                make_finding(
-                    "per-sample-outlier",
-                    check=self.check_name,
-                    step=step,
-                    message=(
-                        f"sample(s) {idx} of batch_idx {micro.batch_idx} dominate the batch: "
-                        f"gradient norm {samples.outlier_ratio:.1f}x the median of {n} samples "
-                        f"(threshold {self.outlier_factor}x and {self.outlier_share:.0%} of the "
-                        f"squared norms). Fix: {CODES['per-sample-outlier'].fix}."
-                    ),
-                    data={"indices": idx, "ratio": samples.outlier_ratio, "samples": n},
-                )
-            )
         dtype = next(iter(comparison.params.values())).dtype
         tol = coupling_tolerance(dtype)
         verdict = classify_scale(scale, residual, n, coupling_tol=tol)
@@ -449,86 +317,18 @@ class PerSampleGradientCheck(AuditCallback):
             eval_scale, eval_residual = float(eval_fit.scale), float(eval_fit.residual)
             eval_verdict = classify_scale(eval_scale, eval_residual, n, coupling_tol=tol)
             if eval_verdict != "coupled":
-                self._report_bn_coupling(fit=fit, n=n)
+                self.report(bn_coupling_finding(step=step, n=n, residual=residual))
                 scale, residual, verdict = eval_scale, eval_residual, eval_verdict
-        if verdict == "sum":
-            self.report(
-                make_finding(
-                    "reduction-sum",
-                    check=self.check_name,
-                    step=step,
-                    message=(
-                        f"the batch gradient is {scale:.2f}x the mean per-sample gradient over "
-                        f"{n} samples: the loss is summed over the batch, so the effective "
-                        f"learning rate grows with the batch size. "
-                        f"Fix: {CODES['reduction-sum'].fix}."
-                    ),
-                    data={"scale": scale, "samples": n, "residual": residual},
-                )
-            )
-        elif verdict == "scale":
-            self.report(
-                make_finding(
-                    "reduction-scale",
-                    check=self.check_name,
-                    step=step,
-                    message=(
-                        f"the batch gradient is {scale:.4g}x the mean per-sample gradient over "
-                        f"{n} samples (neither 1 nor the batch size). "
-                        f"Fix: {CODES['reduction-scale'].fix}."
-                    ),
-                    data={"scale": scale, "samples": n},
-                )
-            )
-        elif verdict == "coupled":
-            worst = worst_params(fit.param_residual)
-            # Every parameter over the tolerance, in module order: a key stable across steps.
-            names = _over(fit.param_residual, tol) or tuple(name for name, _ in worst[:1])
-            modules = sorted({_module_of(name) for name in names})
-            self.report(
-                make_finding(
-                    "batch-coupling",
-                    check=self.check_name,
-                    step=step,
-                    params=names,
-                    message=(
-                        f"the batch gradient is not a multiple of the mean per-sample gradient "
-                        f"(relative residual {residual:.3g} over {n} samples, tolerance {tol:g}): "
-                        f"samples influence each other's gradients. Largest residuals in "
-                        f"{', '.join(f'{k} ({v:.3g})' for k, v in worst)}; modules "
-                        f"{', '.join(modules)}. "
-                        f"Fix: {CODES['batch-coupling'].fix}."
-                    ),
-                    data={
-                        "residual": residual,
-                        "scale": scale,
-                        "samples": n,
-                        "param_residual": dict(worst),
-                        "modules": modules,
-                    },
-                )
-            )
-
-    def _report_bn_coupling(self, fit: ScaleFit | None, n: int, reason: str = "") -> None:
-        residual = float(fit.residual) if fit is not None else float("nan")
-        text = (
-            f"relative residual {residual:.3g}" if not math.isnan(residual)
-            else "train-mode per-sample gradients could not be computed: " + reason
-        )
-        self.report(
-            make_finding(
-                "batch-coupling",
-                severity="info",
-                check=self.check_name,
-                step=self.current_step,
-                message=(
-                    f"train-mode BatchNorm couples the samples of a batch ({text}); with "
-                    f"BatchNorm in eval mode the batch gradient is a multiple of the mean "
-                    f"per-sample gradient, so BatchNorm explains it. Expected, not a bug."
-                ),
-                data={"residual": residual, "samples": n, "explained_by": "BatchNorm"},
-            )
-        )
+        for finding in reduction_findings(
+            verdict,
+            step=step,
+            n=n,
+            scale=scale,
+            residual=residual,
+            tol=tol,
+            param_residual=fit.param_residual,
+        ):
+            self.report(finding)
 
     # ------------------------------------------------------------------ optimizer gradient
     def _check_optimizer_grad(
@@ -545,9 +345,9 @@ class PerSampleGradientCheck(AuditCallback):
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
         recomputed: dict[str, Tensor] | None = None
         with self.guarded("the optimizer-gradient comparison"):
-            recomputed = self._replay_window(trainer, pl_module, optimizer, window, live)
+            recomputed = replay_window(trainer, pl_module, optimizer, window, live)
         if distributed:
-            recomputed = self._average_over_ranks(live, recomputed)
+            recomputed = average_over_ranks(live, recomputed)
         if recomputed is None or not live:
             return
         with self.guarded("the optimizer-gradient comparison"):
@@ -564,84 +364,12 @@ class PerSampleGradientCheck(AuditCallback):
                 per_param = {
                     k: relative_error({k: live[k]}, {k: recomputed[k]}) for k in recomputed
                 }
-                worst = worst_params(per_param)
                 self.report(
-                    make_finding(
-                        "grad-mismatch",
-                        check=self.check_name,
+                    mismatch_finding(
                         step=self.current_step,
-                        params=_over(per_param, tol) or tuple(name for name, _ in worst[:1]),
-                        message=(
-                            f"the gradient the optimizer is about to apply differs from the "
-                            f"gradient of the training loss over the same {len(window)} "
-                            f"micro-batch(es) by {error:.3g} (relative; tolerance {tol:g}), "
-                            f"after accounting for accumulate_grad_batches, AMP scaling and DDP "
-                            f"averaging. Worst: "
-                            f"{', '.join(f'{k} ({v:.3g})' for k, v in worst)}. "
-                            f"Fix: {CODES['grad-mismatch'].fix}."
-                        ),
-                        data={
-                            "relative_error": error,
-                            "tolerance": tol,
-                            "microbatches": len(window),
-                            "per_param": dict(worst),
-                        },
+                        error=error,
+                        tol=tol,
+                        microbatches=len(window),
+                        per_param=per_param,
                     )
                 )
-
-    def _replay_window(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: Any,
-        window: list[_MicroBatch],
-        live: Mapping[str, Tensor],
-    ) -> dict[str, Tensor] | None:
-        if not live:
-            return None
-        accumulate = int(trainer.accumulate_grad_batches)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        # Fused optimizers that step with the scaler keep their gradients scaled here.
-        still_scaled = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        params = {k: v for k, v in self._params_of(pl_module, optimizer).items() if k in live}
-        total: dict[str, Tensor] | None = None
-        for micro in window:
-            loss_fn = self._training_loss(micro.batch_idx)
-
-            def scaled(m: nn.Module, b: Any, fn: Any = loss_fn) -> Tensor:
-                return fn(m, b) * scale / accumulate
-
-            with (
-                isolated(pl_module, rng_state=micro.rng),
-                trainer.precision_plugin.forward_context(),
-            ):
-                grads = loss_grad(pl_module, scaled, micro.batch, params=params)
-            total = grads if total is None else {k: total[k] + grads[k] for k in total}
-        if total is None:
-            return None
-        if not still_scaled and scale != 1.0:
-            total = {k: v * (1.0 / scale) for k, v in total.items()}
-        return total
-
-    @staticmethod
-    def _average_over_ranks(
-        live: Mapping[str, Tensor], recomputed: dict[str, Tensor] | None
-    ) -> dict[str, Tensor] | None:
-        """All-reduce the recomputed gradients; every rank enters, failed or not."""
-        keys = list(live)
-        ok = recomputed is not None and all(k in recomputed for k in keys)
-        parts = [(recomputed[k] if ok else torch.zeros_like(live[k])).flatten() for k in keys]  # type: ignore[index]
-        device = parts[0].device if parts else torch.device("cpu")
-        flat = torch.cat([*parts, torch.tensor([1.0 if ok else 0.0], device=device)])
-        torch.distributed.all_reduce(flat)
-        world = torch.distributed.get_world_size()
-        if float(flat[-1]) < world:
-            return None
-        averaged: dict[str, Tensor] = {}
-        offset = 0
-        for k in keys:
-            size = live[k].numel()
-            averaged[k] = (flat[offset : offset + size] / world).view_as(live[k])
-            offset += size
-        return averaged

@@ -1,0 +1,98 @@
+"""One per-sample comparison: a batch, the parameters, and the two losses to differentiate (the
+batch-reduced loss and the per-sample one), each run isolated from the live training run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from grad_callbacks.callbacks.recompute import RngState, isolated
+from grad_callbacks.core.diagnosis import relative_error
+from grad_callbacks.core.per_sample import (
+    PerSampleStats,
+    ScaleFit,
+    batchnorm_eval,
+    fit_scale,
+    loss_grad,
+    per_sample_grad_stats,
+)
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    batch: Any
+    batch_idx: int
+    rng: RngState
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    """One per-sample comparison: a batch, the parameters, and the two losses to differentiate."""
+
+    pl_module: pl.LightningModule
+    micro: _MicroBatch
+    batch: Any
+    n: int
+    params: dict[str, Tensor]
+    per_sample_fn: Callable[[nn.Module, Any], Tensor]
+    batch_fn: Callable[[nn.Module, Any], Tensor]
+    chunk_size: int
+    method: str
+
+    def fit(self, eval_bn: bool = False) -> tuple[ScaleFit, PerSampleStats]:
+        """Per-sample statistics and the fit of the batch gradient on their mean."""
+        with (
+            isolated(self.pl_module, rng_state=self.micro.rng),
+            _stochastic_layers_off(self.pl_module),
+            batchnorm_eval(self.pl_module) if eval_bn else nullcontext(),
+        ):
+            batch_grad = loss_grad(self.pl_module, self.batch_fn, self.batch, params=self.params)
+            stats = per_sample_grad_stats(
+                self.pl_module,
+                self.per_sample_fn,
+                self.batch,
+                params=self.params,
+                chunk_size=self.chunk_size,
+                method=self.method,  # type: ignore[arg-type]
+                size=self.n,
+            )
+        return fit_scale(batch_grad, stats.mean_grad), stats
+
+    def loss_is_random(self, tol: float) -> bool:
+        """Whether the batch gradient changes with the random stream, dropout layers off.
+
+        Noise drawn in ``training_step`` itself (``torch.randn_like`` augmentation, random
+        masking) cannot be drawn alike in the batch and per-sample passes, so their difference
+        says nothing about coupling.
+        """
+        grads = []
+        module = self.pl_module
+        for seed in (None, 1234567):
+            with isolated(module, rng_state=self.micro.rng), _stochastic_layers_off(module):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                grads.append(loss_grad(module, self.batch_fn, self.batch, params=self.params))
+        return float(relative_error(grads[1], grads[0])) > tol
+
+
+@contextmanager
+def _stochastic_layers_off(module: nn.Module) -> Iterator[None]:
+    """Every submodule but normalization layers in eval mode; each flag restored afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in flags:
+            if not isinstance(m, _BatchNorm):
+                m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+

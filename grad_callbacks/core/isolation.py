@@ -1,0 +1,73 @@
+"""Run user code aside without changing how the live run behaves: BatchNorm in eval mode for a
+block, compiled code run eagerly for a block. Every flag is put back on exit, even on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["batchnorm_eval", "run_eagerly"]
+
+
+@contextmanager
+def batchnorm_eval(module: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put every BatchNorm submodule of ``module`` in eval mode.
+
+    Only the ``training`` flag of ``_BatchNorm`` modules (BatchNorm1d/2d/3d, SyncBatchNorm, lazy
+    variants) is touched, and each is restored to its own previous value on exit, even on error.
+    In eval mode they normalise with their running statistics and do not update them, which makes
+    per-sample gradients well defined and vmap-able.
+
+    Args:
+        module: the module to act on; it is yielded back.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> with batchnorm_eval(net):
+        ...     net[1].training, net[0].training
+        (False, True)
+        >>> net[1].training
+        True
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    flags = [m.training for m in norms]
+    try:
+        for m in norms:
+            m.training = False
+        yield module
+    finally:
+        for m, flag in zip(norms, flags, strict=True):
+            m.training = flag
+
+
+@contextmanager
+def run_eagerly() -> Iterator[None]:
+    """Run ``torch.compile``d code called inside the block as plain eager code.
+
+    Recomputations call the user's compiled modules in ways the compiled graph was not built
+    for (parameters swapped by ``functional_call``, under ``vmap``, inputs that require grad,
+    float64 copies, ``no_grad``): compiled, every call would fail a guard and recompile, slowly,
+    until the recompile limit, for graphs never used again. Under
+    ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6) they run eagerly and the
+    compiled training graph is neither recompiled nor replaced. A no-op on older torch, and
+    while dynamo is tracing the caller (the stance cannot change inside a compiled region).
+
+    Example:
+        >>> net = torch.compile(torch.nn.Linear(2, 1))
+        >>> with run_eagerly():  # no compilation happens here
+        ...     out = net(torch.ones(3, 2))
+        >>> out.shape
+        torch.Size([3, 1])
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
