@@ -1,0 +1,149 @@
+"""One forward pass of the test: isolated from training, on inputs made leaves, with the
+outputs that carry the batch axis named."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from grad_callbacks.core.batch_mixing.leaves import (
+    _EmbeddingTaps,
+    _Leaf,
+    _Perturb,
+    _prepare,
+    _tensors,
+)
+from grad_callbacks.core.batch_mixing.result import CannotCheckMixing
+from grad_callbacks.core.per_sample import run_eagerly
+from grad_callbacks.core.state import restored_state
+
+Forward = Callable[[Any], Any]
+
+
+def _freeze_batch_stats(m: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook for a BatchNorm without running statistics: give it, on its first call,
+    detached statistics of that call's input, so that in eval mode it normalises with constants
+    instead of the (mixing) batch statistics."""
+    if m.running_mean is not None or not args or not isinstance(args[0], Tensor):
+        return
+    x = args[0]
+    with torch.no_grad():
+        dims = [d for d in range(x.dim()) if d != 1]
+        m.running_mean = x.detach().mean(dim=dims)
+        m.running_var = x.detach().var(dim=dims, unbiased=False)
+
+
+@contextmanager
+def _norms_in_eval(module: nn.Module) -> Iterator[None]:
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    flags = [m.training for m in norms]
+    untracked = [m for m in norms if m.running_mean is None and m.running_var is None]
+    handles = [m.register_forward_pre_hook(_freeze_batch_stats) for m in untracked]
+    try:
+        for m in norms:
+            m.training = False
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in untracked:
+            m.running_mean = None
+            m.running_var = None
+        for m, flag in zip(norms, flags, strict=True):
+            m.training = flag
+
+
+def _cuda_devices(*objs: Any) -> list[int]:
+    devices: set[int] = set()
+    for obj in objs:
+        tensors = (
+            list(obj.parameters()) + list(obj.buffers())
+            if isinstance(obj, nn.Module)
+            else [t for _, t in _tensors(obj, "")]
+        )
+        devices.update(t.device.index or 0 for t in tensors if t.is_cuda)
+    return sorted(devices)
+
+
+@contextmanager
+def isolated(module: nn.Module | None, inputs: Any = None) -> Iterator[None]:
+    """Run extra forward passes of ``module`` without a trace on training.
+
+    BatchNorm layers run in eval mode, buffers are restored on exit, the CPU and CUDA random
+    number generators are forked and ``torch.compile``d code runs eagerly.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> before = net[1].running_mean.clone()
+        >>> with isolated(net):
+        ...     _ = net(torch.randn(4, 2))
+        >>> torch.equal(net[1].running_mean, before), net[1].training
+        (True, True)
+    """
+    with ExitStack() as stack:
+        stack.enter_context(run_eagerly())
+        stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(module, inputs)))
+        if module is not None:
+            stack.enter_context(_norms_in_eval(module))
+            stack.enter_context(restored_state(module))
+        yield
+
+
+
+@dataclass
+class _Run:
+    outputs: list[tuple[str, Tensor]]
+    leaves: list[_Leaf]
+
+
+
+def _named_outputs(outputs: Any, size: int, dim: int) -> list[tuple[str, Tensor]]:
+    return [
+        (name, t)
+        for name, t in _tensors(outputs, "output")
+        if t.is_floating_point() and t.dim() > dim and t.shape[dim] == size
+    ]
+
+
+def _run(
+    forward: Forward,
+    inputs: Any,
+    *,
+    size: int,
+    input_dim: int,
+    output_dim: int,
+    module: nn.Module | None,
+    perturb: _Perturb | None = None,
+) -> _Run:
+    prepared, leaves, integers = _prepare(inputs, size, input_dim, perturb)
+    taps = _EmbeddingTaps(module, integers, size, perturb) if module is not None else None
+    with torch.enable_grad():
+        if taps is not None:
+            with taps:
+                outputs = forward(prepared)
+            leaves += taps.leaves
+        else:
+            outputs = forward(prepared)
+    if not leaves:
+        if integers:
+            names = ", ".join(s.name for s in integers)
+            raise CannotCheckMixing(
+                f"the integer input(s) {names} reach no nn.Embedding of the module, and there is "
+                f"no floating input to differentiate"
+            )
+        raise CannotCheckMixing(f"no input tensor has the batch size {size} on dim {input_dim}")
+    named = _named_outputs(outputs, size, output_dim)
+    if not named:
+        shapes = [tuple(t.shape) for _, t in _tensors(outputs, "output")]
+        raise CannotCheckMixing(
+            f"no floating output has the batch size {size} on dim {output_dim} "
+            f"(output shapes: {shapes})"
+        )
+    return _Run(named, leaves)
+
