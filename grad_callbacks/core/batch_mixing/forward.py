@@ -20,7 +20,7 @@ from grad_callbacks.core.batch_mixing.leaves import (
     _tensors,
 )
 from grad_callbacks.core.batch_mixing.result import CannotCheckMixing
-from grad_callbacks.core.per_sample import run_eagerly
+from grad_callbacks.core.isolation import run_eagerly
 from grad_callbacks.core.state import restored_state
 
 Forward = Callable[[Any], Any]
