@@ -5,6 +5,7 @@ Nothing here imports Lightning; the callbacks in :mod:`grad_callbacks.callbacks`
 
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.budget import OverheadBudget
+from grad_callbacks.core.fingerprint import fingerprints
 from grad_callbacks.core.ledger import GradientLedger, StepAudit
 from grad_callbacks.core.per_sample import (
     PerSampleGradError,
@@ -27,6 +28,7 @@ __all__ = [
     "StepAudit",
     "batch_size",
     "batchnorm_eval",
+    "fingerprints",
     "fit_scale",
     "gradient_noise_scale",
     "loss_grad",
