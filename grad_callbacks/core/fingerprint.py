@@ -178,7 +178,9 @@ def _words(data: torch.Tensor) -> torch.Tensor:
     return data.to(torch.int32).bitwise_and_((1 << (8 * size)) - 1)
 
 
-def _positions(pieces: tuple[tuple[int, int, int], ...], chunk: int, device: torch.device) -> torch.Tensor:
+def _positions(
+    pieces: tuple[tuple[int, int, int], ...], chunk: int, device: torch.device
+) -> torch.Tensor:
     """The hash of each element's position in its tensor: ``position * _POSITION`` modulo
     ``2**32``, from a cached table of a chunk's hashes shifted per piece (it is linear)."""
     size = sum(k for _, _, k in pieces)
