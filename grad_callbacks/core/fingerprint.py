@@ -20,10 +20,10 @@ It is not a cryptographic hash: a change crafted to collide is possible. Fingerp
 compared between processes that run the same code, so that does not matter here.
 
 Cost: the tensors are viewed as integers (no float arithmetic) and hashed in chunks of at most
-``chunk_elements`` elements, each chunk in about 25 element-wise kernels on ``int64`` whatever
+``chunk_elements`` elements, each chunk in about 20 element-wise kernels on int32 words whatever
 the number of tensors in it (batched over tensors: one flattened pass, no Python loop over
-tensors or elements). Nothing is read to the host: the result stays on the device. The
-tensors are never modified.
+tensors or elements), then summed in int64. Nothing is read to the host: the result stays on
+the device. The tensors are never modified.
 
 Example:
     >>> import torch
@@ -50,7 +50,7 @@ import torch
 #: fingerprint's, which are non-negative.
 MISSING = -1
 #: Elements hashed per pass by default: small enough for the CPU's caches, large enough to keep
-#: a GPU busy (64 MiB per int64 temporary, about four of them alive at once).
+#: a GPU busy (32 MiB per int32 temporary, about four of them alive at once).
 CHUNK_CPU = 1 << 18
 CHUNK_DEVICE = 1 << 23
 
@@ -77,7 +77,7 @@ def fingerprints(
             ``[MISSING, MISSING]``. Tensors on several devices are fingerprinted where they
             are, and the rows are gathered on the first tensor's device.
         chunk_elements: the most elements hashed in one pass (it bounds the temporary memory:
-            about four int64 temporaries of this many elements); default :data:`CHUNK_CPU` on
+            about four int32 temporaries of this many elements); default :data:`CHUNK_CPU` on
             the CPU, :data:`CHUNK_DEVICE` elsewhere. It does not change the result.
 
     Returns:
