@@ -115,6 +115,7 @@ class GradientAudit(AuditCallback):
     check_name = "GradientAudit"
     metric_prefix = "audit"
     needs_whole_gradients = False  # its checks decide for themselves
+    live_attributes = ("_targets", "_batch_started")
 
     def __init__(
         self,
@@ -164,19 +165,27 @@ class GradientAudit(AuditCallback):
         if self.budget is not None and not raising and self._watchers:
             self.watch_windows = WatchWindows(self.budget, WATCH_SHARE, WATCH_WINDOW_STEPS)
         self._window_steps = WATCH_WINDOW_STEPS
-        # Per hook, the checks that do something in it (the others are not called), with the
-        # hook's body: this callback's own hook wrapper already did what the checks' wrappers
-        # would (see _call).
+        self._route()
+
+    def _route(self) -> None:
+        """Find, per hook, the checks that do something in it (the others are not called), with
+        the hook's body: this callback's own hook wrapper already did what the checks' wrappers
+        would (see :meth:`_call`). Bodies are not picklable (pickle finds a function by name,
+        and the name is the wrapper's), so a copy routes again (:meth:`__setstate__`)."""
         self._targets = {
-            name: [(c, _body(c, name)) for c in built if _implements(c, name)]
+            name: [(c, _body(c, name)) for c in self.checks if _implements(c, name)]
             for name in CALLBACK_HOOKS
         }
         # Checks whose on_train_batch_end is the base class's: it only flushes their scalars.
         base_end = AuditCallback.on_train_batch_end.__wrapped__  # type: ignore[attr-defined]
-        self._flushed_only = [c for c in built if _body(c, "on_train_batch_end") is base_end]
+        self._flushed_only = [c for c in self.checks if _body(c, "on_train_batch_end") is base_end]
         self._targets["on_train_batch_end"] = [
             (c, body) for c, body in self._targets["on_train_batch_end"] if body is not base_end
         ]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._route()
 
     @property
     def findings(self) -> list[Finding]:

@@ -185,6 +185,7 @@ class AutogradCheck(AuditCallback):
 
     check_name = "AutogradCheck"
     metric_prefix = "autograd"
+    live_attributes = ("_functions",)
 
     def __init__(
         self,

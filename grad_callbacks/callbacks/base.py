@@ -18,7 +18,12 @@ The base class does the rest:
   ``needs_whole_gradients`` reports ``check-skipped`` once and its hooks do no work;
 * under DDP with ``on_finding="raise"``, an error found on one rank stops every rank together:
   the finding is held until the end of the hook, where every rank learns whether any rank holds
-  one (a one-sided exception would leave the other ranks waiting in the next collective).
+  one (a one-sided exception would leave the other ranks waiting in the next collective);
+* pickling and ``copy.deepcopy`` before, during and after fit (``strategy="ddp_spawn"`` pickles
+  the callbacks, ``pickle.dumps(trainer)`` too): what a check holds of a running fit (the
+  trainer, hooks on tensors and optimizers, device read-backs), named in
+  :attr:`AuditCallback.live_attributes`, stays behind; the copy keeps its settings and findings
+  and sets up afresh when a fit starts.
 
 The last two are done by a wrapper around every Lightning hook a check defines
 (:func:`audit_hook`), so a check's own hook methods stay plain.
@@ -83,6 +88,11 @@ class AuditCallback(pl.Callback):
 
     #: Name used in findings, reports and TensorBoard tags.
     check_name: ClassVar[str] = "AuditCallback"
+    #: Attributes that hold objects of the running fit (the trainer, hooks on tensors and
+    #: optimizers, pending device read-backs): left out when the check is pickled or copied
+    #: (an empty list, dict or set, else None, in the copy) and set up again when a fit starts.
+    #: A subclass lists its own; those of its base classes are added.
+    live_attributes: ClassVar[tuple[str, ...]] = ("_trainer", "_held")
     #: Short tag prefix under ``grad_audit/`` for this check's scalars.
     metric_prefix: ClassVar[str] = "check"
 
@@ -124,6 +134,27 @@ class AuditCallback(pl.Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _wrap_hooks(cls)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The check without what it holds of a running fit (see :attr:`live_attributes`).
+
+        Example:
+            >>> import pickle
+            >>> check = AuditCallback(on_finding="log")
+            >>> check._trainer = object()  # what setup() sets: not carried over
+            >>> pickle.loads(pickle.dumps(check))._trainer is None
+            True
+        """
+        state = self.__dict__.copy()
+        for name in _live_attributes(type(self)):
+            if name in state:
+                value = state[name]
+                state[name] = type(value)() if isinstance(value, (list, dict, set)) else None
+        state["_in_hook"] = False  # a copy made inside a hook is not inside it
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     #: Whether the check reads whole gradients (or runs the model outside the training step),
     #: so that it cannot run under a strategy that shards them (FSDP, DeepSpeed).
@@ -533,6 +564,13 @@ def audit_callbacks(trainer: pl.Trainer) -> list[AuditCallback]:
         elif isinstance(cb, AuditCallback):
             found.append(cb)
     return found
+
+
+@functools.cache
+def _live_attributes(cls: type[AuditCallback]) -> frozenset[str]:
+    return frozenset(
+        name for klass in cls.__mro__ for name in vars(klass).get("live_attributes", ())
+    )
 
 
 def _first_audit_callback(trainer: pl.Trainer) -> pl.Callback | None:

@@ -67,6 +67,7 @@ class GradientMonitor(AuditCallback):
 
     check_name = "GradientMonitor"
     metric_prefix = "monitor"
+    live_attributes = ("_optimizers", "_pending")
 
     def __init__(
         self,

@@ -91,6 +91,7 @@ class GradientSanityCheck(AuditCallback):
 
     check_name = "GradientSanityCheck"
     metric_prefix = "sanity"
+    live_attributes = ("_probe", "_reads", "_optimizers")
     watches_steps = True
 
     def __init__(

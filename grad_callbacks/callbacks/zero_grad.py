@@ -50,6 +50,7 @@ class ZeroGradCheck(AuditCallback):
 
     check_name = "ZeroGradCheck"
     metric_prefix = "zero_grad"
+    live_attributes = ("_ledger",)
     watches_steps = True
 
     def __init__(self, *, every_n_steps: int = 1, on_finding: OnFinding = "warn") -> None:

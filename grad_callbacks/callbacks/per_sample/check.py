@@ -97,6 +97,7 @@ class PerSampleGradientCheck(AuditCallback):
 
     check_name = "PerSampleGradientCheck"
     metric_prefix = "per_sample"
+    live_attributes = ("_window",)
 
     def __init__(
         self,
