@@ -8,7 +8,11 @@ Pure torch (no Lightning). Three kinds of hooks feed it:
   (identified by autograd's graph-task id) contributed to the parameter;
 * ``Optimizer.register_step_post_hook``, which fires on real optimizer steps only (a step skipped
   by a GradScaler on overflow fires nothing) and audits the gradients that step consumed, unless
-  :meth:`GradientLedger.audit_step` already audited that step as it was attempted.
+  :meth:`GradientLedger.audit_step` already audited that step as it was attempted. torch runs
+  the step hooks in a wrapper it puts around ``step`` of every optimizer class it instantiates,
+  so the ``step`` of a subclass that calls ``super().step()`` fires them twice per step (outer
+  and inner wrapper) once an instance of the base class exists; a step pre-hook arms each
+  optimizer, and only the first post-hook after it counts: one step per step.
 
 Cleared means ``.grad`` set to None, replaced by another tensor, or zeroed in place. The first two
 are seen on the host for free. An in-place change (``zero_grad(set_to_none=False)``, but also
@@ -172,6 +176,8 @@ class GradientLedger:
         self._last_step_seq: list[int | None] = [None] * len(self.optimizers)
         self.steps_taken: list[int] = [0] * len(self.optimizers)
         self._audited_ahead: list[bool] = [False] * len(self.optimizers)
+        # Whether a step pre-hook fired since the last post-hook that counted (see above).
+        self._armed: list[bool] = [True] * len(self.optimizers)
         self._task_seq: OrderedDict[int, int] = OrderedDict()
         self._last_backward_seq = -1
         # backward seq -> [(optimizer index, step seq)] for the steps that consumed it
@@ -190,7 +196,10 @@ class GradientLedger:
             self._opt_params.append(params)
             for j, p in enumerate(params):
                 self._names.setdefault(id(p), f"optimizer{i}.param{j}")
+            self._armed[i] = True
+            arm = self._untraced(self._make_step_pre_hook(i))
             hook = self._untraced(self._make_step_hook(i))
+            self._opt_handles.append(opt.register_step_pre_hook(arm))
             self._opt_handles.append(opt.register_step_post_hook(hook))
         self._hook_new(held_is_old=True)
 
@@ -319,8 +328,17 @@ class GradientLedger:
             state.pending_zero_tests.clear()
 
     # ------------------------------------------------------------------ audit
+    def _make_step_pre_hook(self, index: int) -> Callable[..., None]:
+        def arm(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._armed[index] = True
+
+        return arm
+
     def _make_step_hook(self, index: int) -> Callable[..., None]:
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if not self._armed[index]:
+                return  # the outer call of a step whose inner call was counted
+            self._armed[index] = False
             if self._audited_ahead[index]:
                 self._audited_ahead[index] = False
             else:

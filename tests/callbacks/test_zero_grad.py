@@ -215,3 +215,33 @@ def test_gradient_accumulation_scheduler_short_window_is_read_at_each_step() -> 
     assert finding.code == "short-accumulation-window"
     assert finding.data == {"microbatches": 1, "accumulate_grad_batches": 3, "weight": 1 / 3}
     assert finding.step == 7 + 2  # epoch 0: 7 steps; epoch 1: steps after batches 2 and 5
+
+
+class _SGDCallingSuper(torch.optim.SGD):
+    def step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return super().step(*args, **kwargs)
+
+
+class _MLPWithSubclassedSGD(zoo.MLP):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _SGDCallingSuper(self.parameters(), lr=1e-2)
+
+
+class _ManualWithSubclassedSGD(zoo.ManualMLP):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _SGDCallingSuper(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_optimizer_subclass_calling_super_step_after_a_plain_sgd_run_is_clean(
+    manual: bool,
+) -> None:
+    # Issue 18: a fit with a plain SGD makes torch wrap SGD.step, so the subclass's step fires
+    # the step hooks twice per step; the ledger counted two steps, the second one stale.
+    zoo.fit(zoo.MLP("sgd"), [])
+    model = _ManualWithSubclassedSGD() if manual else _MLPWithSubclassedSGD()
+    audit = GradientAudit(on_finding="log", max_overhead=None)
+    trainer = zoo.fit(model, [audit])
+    assert _alarms(audit.findings) == []
+    (check,) = [c for c in audit.checks if isinstance(c, ZeroGradCheck)]
+    assert check.extra_state()["steps_taken"] == [trainer.global_step]

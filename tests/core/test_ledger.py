@@ -317,3 +317,43 @@ def test_held_gradients_of_two_optimizers_across_a_pause_are_not_a_leak() -> Non
                 opt.zero_grad(set_to_none=False)
     assert all(a.clean for a in ledger.step_audits)
     assert [a.microbatches for a in ledger.step_audits] == [1] * 12
+
+
+class _StepCallsSuper(torch.optim.SGD):
+    """A subclass whose ``step`` calls ``super().step()``: once a plain SGD exists, torch has
+    wrapped both ``SGD.step`` and this ``step`` with its hook runner, so every step fires the
+    step hooks twice (outer and inner call)."""
+
+    def step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return super().step(*args, **kwargs)
+
+
+def test_optimizer_subclass_calling_super_step_counts_one_step_per_step() -> None:
+    torch.optim.SGD(_model().parameters(), lr=0.1)  # wraps SGD.step for the whole process
+    model = _model()
+    opt = _StepCallsSuper(model.parameters(), lr=0.1)
+    fired: list[int] = []
+    opt.register_step_post_hook(lambda *_: fired.append(1))
+    ledger = _ledger(model, opt)
+    for _ in range(3):
+        opt.zero_grad()
+        _backward(model)
+        opt.step()
+    assert len(fired) == 6  # the premise: torch fires the post-hooks twice per step
+    assert ledger.steps_taken == [3]
+    assert [a.clean for a in ledger.step_audits] == [True] * 3
+
+
+def test_step_that_raised_does_not_stop_the_counting() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ledger = _ledger(model, opt)
+    _backward(model)
+    with pytest.raises(RuntimeError):
+        opt.step(closure=lambda: (_ for _ in ()).throw(RuntimeError("closure failed")))
+    for _ in range(2):
+        opt.zero_grad()
+        _backward(model)
+        opt.step()
+    assert ledger.steps_taken == [2]
+    assert [a.clean for a in ledger.step_audits] == [True] * 2
