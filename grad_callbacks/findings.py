@@ -90,6 +90,25 @@ CODES: dict[str, CodeInfo] = dict(
             "check that the scale is intended (loss weights, token-count normalisation)",
         ),
         _code(
+            "reduction-weighted",
+            "info",
+            "the batch gradient is a weighted sum of per-sample gradients with unequal weights "
+            "that the per-sample losses explain (e.g. a mean over tokens with padding or "
+            "ignore_index); the weights and what they follow are reported",
+            "nothing to fix when intended: a mean over tokens weights each sample by its token "
+            "count; for equal sample weights, average each sample's own token mean instead",
+        ),
+        _code(
+            "accumulation-weighting",
+            "warning",
+            "within one optimizer step, the accumulated gradient differs from the gradient of "
+            "the whole window as one batch because each micro-batch's loss is normalized by its "
+            "own count (tokens or samples): samples in short micro-batches weigh more",
+            "sum the loss over tokens and divide by the total count of the whole accumulation "
+            "window (counted before the window, as transformers' num_items_in_batch does), not "
+            "by each micro-batch's own count",
+        ),
+        _code(
             "batch-coupling",
             "warning",
             "the batch gradient is not a scalar multiple of the mean per-sample gradient; the "

@@ -255,3 +255,88 @@ class RNNTagger(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+# --------------------------------------------------------------- token-level losses
+class TokenLM(L.LightningModule):
+    """A tiny token model (embedding, one hidden layer, a vocabulary head) trained with a
+    token-level cross-entropy over labels padded with -100, written as users write it.
+
+    Args:
+        reduction: ``"mean"`` (``F.cross_entropy(..., ignore_index=-100)``: a mean over the
+            batch's non-ignored tokens), ``"sum"`` (``reduction="sum"``: a planted bug),
+            ``"window"`` (the token sum divided by ``batch["num_items"]``, the count of the whole
+            accumulation window: the ``num_items_in_batch`` recipe), ``"per-sample"`` (each
+            sample's own token mean, averaged over the samples).
+        mix: plant coupling: each sample's hidden states get half of the previous sample's.
+        batchnorm: a train-mode ``BatchNorm1d`` over the hidden features (couples samples).
+    """
+
+    def __init__(
+        self,
+        reduction: str = "mean",
+        mix: bool = False,
+        batchnorm: bool = False,
+        hidden: int = 16,
+        lr: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.reduction, self.mix, self.lr = reduction, mix, lr
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.body = nn.Linear(hidden, hidden)
+        self.norm = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(self.embed(ids)))  # (B, T, H)
+        if self.mix:
+            h = h + 0.5 * h.roll(1, dims=0)
+        h = self.norm(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+        return self.head(h)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits, labels = self(batch["input_ids"]), batch["labels"]
+        flat_logits, flat_labels = logits.reshape(-1, VOCAB), labels.reshape(-1)
+        if self.reduction == "mean":
+            return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+        if self.reduction == "sum":
+            return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+        if self.reduction == "window":
+            total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+            return total / batch["num_items"][0]
+        token = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="none")
+        token = token.reshape(labels.shape)
+        return (token.sum(1) / (labels != -100).sum(1)).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def token_batch(counts: list[int], length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One batch of ``len(counts)`` sequences of ``length`` tokens whose labels keep ``counts[i]``
+    tokens (the rest -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(counts), length), generator=g)
+    kept = torch.arange(length) < torch.tensor(counts)[:, None]
+    return {
+        "input_ids": ids.masked_fill(~kept, PAD),
+        "attention_mask": kept.long(),
+        "labels": ids.masked_fill(~kept, -100),
+    }
+
+
+def token_windows(
+    windows: list[list[list[int]]], length: int, num_items: bool = False
+) -> DataLoader:
+    """Batches built ahead, one accumulation window after the other: ``windows[w][m]`` is the
+    list of per-sample token counts of micro-batch ``m`` of window ``w``. With ``num_items``,
+    every batch carries ``num_items`` (``[B]``, repeated): the window's total count."""
+    batches = []
+    for w, window in enumerate(windows):
+        total = sum(sum(counts) for counts in window)
+        for m, counts in enumerate(window):
+            batch = token_batch(counts, length, seed=100 * w + m)
+            if num_items:
+                batch["num_items"] = torch.full((len(counts),), total)
+            batches.append(batch)
+    return DataLoader(batches, batch_size=None)

@@ -285,3 +285,67 @@ def flatten_batch(batch: Any, *, size: int | None = None) -> FlatBatch:
 
     _map_batch(batch, on_tensor, on_sample_list, n)
     return FlatBatch(n, tensors, bool(lists) and n != 1, batch)
+
+
+# ---------------------------------------------------------------------------------- named leaves
+Path = tuple[Any, ...]
+
+
+def _map_named(obj: Any, fn: Callable[[Path, Any], Any], path: Path = ()) -> Any:
+    """Rebuild ``obj`` with ``fn(path, leaf)`` applied to every leaf (tensors and plain values)."""
+    if isinstance(obj, Tensor):
+        return fn(path, obj)
+    if _is_namedtuple(obj):
+        return type(obj)._make(
+            _map_named(v, fn, (*path, f)) for f, v in zip(obj._fields, obj, strict=True)
+        )
+    if isinstance(obj, (list, tuple)):
+        values = [_map_named(v, fn, (*path, i)) for i, v in enumerate(obj)]
+        try:
+            return type(obj)(values)
+        except Exception:
+            return values if isinstance(obj, list) else tuple(values)
+    if isinstance(obj, Mapping):
+        return _rebuild_mapping(obj, {k: _map_named(v, fn, (*path, k)) for k, v in obj.items()})
+    if _is_dataclass_instance(obj):
+        changes = {
+            f.name: _map_named(getattr(obj, f.name), fn, (*path, f.name))
+            for f in dataclasses.fields(obj)
+            if f.init
+        }
+        return dataclasses.replace(obj, **changes)
+    return fn(path, obj)
+
+
+def path_name(path: Path) -> str:
+    """A readable name for a leaf's path: ``labels``, ``[1]``, ``inputs.mask``."""
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in path]
+    return ".".join(parts).replace(".[", "[") or "batch"
+
+
+def named_leaves(batch: Any) -> list[tuple[Path, Any]]:
+    """Every leaf of ``batch`` (tensors and plain values) with its path of keys and indices.
+
+    Example:
+        >>> import torch
+        >>> [(path_name(p), v) for p, v in named_leaves({"x": (torch.tensor(1), 2), "n": "a"})]
+        [('x[0]', tensor(1)), ('x[1]', 2), ('n', 'a')]
+    """
+    leaves: list[tuple[Path, Any]] = []
+
+    def keep(path: Path, leaf: Any) -> Any:
+        leaves.append((path, leaf))
+        return leaf
+
+    _map_named(batch, keep)
+    return leaves
+
+
+def replace_leaf(batch: Any, path: Path, value: Any) -> Any:
+    """``batch`` rebuilt with the leaf at ``path`` replaced by ``value`` (others kept as they are).
+
+    Example:
+        >>> replace_leaf({"x": [1, 2], "y": 3}, ("x", 1), 20)
+        {'x': [1, 20], 'y': 3}
+    """
+    return _map_named(batch, lambda p, leaf: value if p == path else leaf)

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.per_sample.comparison import _Comparison, _MicroBatch
+from grad_callbacks.callbacks.per_sample.comparison import Measured, _Comparison, _MicroBatch
 from grad_callbacks.callbacks.per_sample.losses import (
     PerSampleLoss,
     _NoLoss,
@@ -46,6 +46,7 @@ from grad_callbacks.callbacks.per_sample.replay import (
     replay_window,
 )
 from grad_callbacks.callbacks.per_sample.verdicts import (
+    accumulation_finding,
     bn_coupling_finding,
     mismatch_finding,
     reduction_findings,
@@ -55,7 +56,6 @@ from grad_callbacks.callbacks.recompute import capture_rng, isolated
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.diagnosis import (
     MISMATCH_TOL,
-    classify_scale,
     coupling_tolerance,
     judge_samples,
     relative_error,
@@ -63,8 +63,15 @@ from grad_callbacks.core.diagnosis import (
 from grad_callbacks.core.per_sample import (
     PerSampleGradError,
     PerSampleStats,
-    ScaleFit,
     gradient_noise_scale,
+)
+from grad_callbacks.core.per_sample.weights import (
+    Reduction,
+    Weighting,
+    batch_weightings,
+    count_leaves,
+    judge_reduction,
+    scaled_leaf,
 )
 
 
@@ -129,6 +136,10 @@ class PerSampleGradientCheck(AuditCallback):
         # (step, seconds) of a run made before the budget knew the step time (the first one)
         self._unplanned: tuple[int, float] | None = None
         self.last_stats: PerSampleStats | None = None
+        # The count a loss was last seen to be a mean over (its own batch's): for the
+        # accumulation-weighting check of windows whose last micro-batch has equal counts.
+        self._own_count: Weighting | None = None
+        self._reduction_now: Reduction | None = None
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -203,8 +214,12 @@ class PerSampleGradientCheck(AuditCallback):
             raw = getattr(optimizer, "_optimizer", optimizer)
             params = params_of(pl_module, raw)
             if params:
+                self._reduction_now = None
                 with self.guarded("the per-sample comparison"):
                     self._compare_per_sample(pl_module, window[-1], params)
+                if len(window) > 1:
+                    with self.guarded("the accumulation-weighting check"):
+                        self._check_accumulation(trainer, window)
                 if self.check_optimizer_grad:
                     self._check_optimizer_grad(trainer, pl_module, raw, window, params)
         self._plan_next_run(trainer, step, self.seconds_spent - spent_before)
@@ -248,11 +263,11 @@ class PerSampleGradientCheck(AuditCallback):
 
         comparison = _Comparison(
             pl_module, micro, batch, n, params, per_sample_fn, batch_fn, self.chunk_size,
-            self.method,
+            self.method, size=b,
         )
         train_bn = any(isinstance(m, _BatchNorm) and m.training for m in pl_module.modules())
         try:
-            fit, stats = comparison.fit()
+            measured = comparison.fit()
             eval_bn = False
         except _NoLoss as exc:
             self.skip(f"{exc}; return the loss, or define per_sample_loss(batch)")
@@ -262,20 +277,19 @@ class PerSampleGradientCheck(AuditCallback):
                 raise
             # BatchNorm1d cannot normalise one sample: compare the eval-mode network instead. If
             # something else failed, the eval-mode attempt fails too and the check is skipped.
-            fit, stats = comparison.fit(eval_bn=True)
+            measured = comparison.fit(eval_bn=True)
             eval_bn = True
             self.report(
                 bn_coupling_finding(
                     step=self.current_step, n=n, residual=float("nan"), reason=str(exc)
                 )
             )
-        self.last_stats = stats
-        self._judge(comparison, fit, stats, train_bn and not eval_bn)
+        self.last_stats = measured.stats
+        self._judge(comparison, measured, train_bn and not eval_bn)
 
-    def _judge(
-        self, comparison: _Comparison, fit: ScaleFit, stats: PerSampleStats, train_bn: bool
-    ) -> None:
+    def _judge(self, comparison: _Comparison, measured: Measured, train_bn: bool) -> None:
         step, n, micro = self.current_step, comparison.n, comparison.micro
+        stats, fit = measured.stats, measured.fit
         samples = judge_samples(
             stats.sq_norms, stats.nonfinite, factor=self.outlier_factor, share=self.outlier_share
         )
@@ -291,6 +305,7 @@ class PerSampleGradientCheck(AuditCallback):
             samples,
             step=step,
             n=n,
+            size=comparison.size,
             batch_idx=micro.batch_idx,
             outlier_factor=self.outlier_factor,
             outlier_share=self.outlier_share,
@@ -300,11 +315,13 @@ class PerSampleGradientCheck(AuditCallback):
             self.queue_scalars(scalars)
             return  # the batch gradient is non-finite too: nothing more to compare
         scalars.update({"scale": scale, "residual": residual, "cosine": cosine})
-        self.queue_scalars(scalars)
         dtype = next(iter(comparison.params.values())).dtype
         tol = coupling_tolerance(dtype)
-        verdict = classify_scale(scale, residual, n, coupling_tol=tol)
-        if verdict == "coupled" and comparison.loss_is_random(tol):
+        reduction = self._reduction(comparison, measured, tol)
+        if reduction.weighted:
+            scalars["weighted_residual"] = reduction.residual
+        self.queue_scalars(scalars)
+        if reduction.verdict == "coupled" and comparison.loss_is_random(tol):
             self.skip(
                 "the training loss draws random numbers outside dropout layers (noise "
                 "augmentation, random masking in training_step), which the batch and the "
@@ -313,23 +330,72 @@ class PerSampleGradientCheck(AuditCallback):
                 "`if self.training:`"
             )
             return
-        if verdict == "coupled" and train_bn:
-            eval_fit, _ = comparison.fit(eval_bn=True)
-            eval_scale, eval_residual = float(eval_fit.scale), float(eval_fit.residual)
-            eval_verdict = classify_scale(eval_scale, eval_residual, n, coupling_tol=tol)
-            if eval_verdict != "coupled":
-                self.report(bn_coupling_finding(step=step, n=n, residual=residual))
-                scale, residual, verdict = eval_scale, eval_residual, eval_verdict
+        if reduction.verdict == "coupled" and train_bn:
+            in_eval = self._reduction(comparison, comparison.fit(eval_bn=True), tol)
+            if in_eval.verdict != "coupled":
+                self.report(bn_coupling_finding(step=step, n=n, residual=reduction.residual))
+                reduction = in_eval
+        if reduction.verdict == "sum" and self._normalized_by_a_count(comparison, measured, tol):
+            reduction.verdict = "window-mean"
+        if reduction.own_count:
+            self._own_count = reduction.follows
+        self._reduction_now = reduction
         for finding in reduction_findings(
-            verdict,
+            reduction,
             step=step,
             n=n,
-            scale=scale,
-            residual=residual,
+            size=comparison.size,
             tol=tol,
-            param_residual=fit.param_residual,
+            alone=_alone(measured),
         ):
             self.report(finding)
+
+    def _check_accumulation(self, trainer: pl.Trainer, window: list[_MicroBatch]) -> None:
+        """``accumulation-weighting``: the loss is a mean over its own micro-batch's count
+        (seen from the fitted weights, now or at an earlier step when this step's compared
+        samples all hold the same count) and the window's micro-batches hold different counts."""
+        reduction, follows = self._reduction_now, self._own_count
+        if reduction is None or follows is None:
+            return
+        if not (reduction.own_count or reduction.verdict == "mean"):
+            return
+        counts = []
+        for micro in window:
+            size = batch_size(micro.batch)
+            basis = follows.basis(micro.batch, size) if size else None
+            if basis is None or basis.dim() != 1:
+                return
+            counts.append(float(basis.sum()))
+        if max(counts) > min(counts):
+            self.report(
+                accumulation_finding(
+                    step=self.current_step,
+                    follows=follows,
+                    counts=counts,
+                    accumulate=len(window),
+                )
+            )
+
+    @staticmethod
+    def _reduction(comparison: _Comparison, measured: Measured, tol: float) -> Reduction:
+        weightings = []
+        for w in batch_weightings(comparison.batch, comparison.n):
+            basis = w.basis(comparison.batch, comparison.n)
+            if basis is not None:
+                weightings.append((w, basis.to(_device_of(measured))))
+        return judge_reduction(measured.fit, measured.gram, weightings, comparison.n, tol)
+
+    @staticmethod
+    def _normalized_by_a_count(comparison: _Comparison, measured: Measured, tol: float) -> bool:
+        """Whether the summed loss divides by a count the batch carries (the
+        ``num_items_in_batch`` recipe): doubling it halves the gradient. The loss is then a mean
+        over that count's tokens at the optimizer step, not a sum."""
+        for path in count_leaves(comparison.batch, comparison.n):
+            doubled = comparison.batch_grad_of(scaled_leaf(comparison.batch, path, 2))
+            half = {k: v / 2 for k, v in measured.batch_grad.items()}
+            if float(relative_error(doubled, half)) <= tol:
+                return True
+        return False
 
     # ------------------------------------------------------------------ optimizer gradient
     def _check_optimizer_grad(
@@ -374,3 +440,23 @@ class PerSampleGradientCheck(AuditCallback):
                         per_param=per_param,
                     )
                 )
+
+
+def _device_of(measured: Measured) -> torch.device:
+    return next(iter(measured.batch_grad.values())).device
+
+
+def _alone(measured: Measured) -> str | None:
+    """``"no"`` or ``"the same"`` when one sample alone gives no gradient, or the same gradient
+    for every sample (the loss couples samples by design), else None."""
+    gram = measured.gram
+    if gram is None:
+        return None
+    k = torch.stack(list(gram.gram.values())).sum(0)
+    batch_sq = float(torch.stack(list(gram.batch_sq.values())).sum())
+    diag = k.diagonal()
+    if float(diag.sum()) <= 1e-12 * batch_sq * k.shape[0]:
+        return "no"
+    # sum_i ||g_i - mean||^2 against sum_i ||g_i||^2
+    spread = float(diag.sum() - k.sum() / k.shape[0])
+    return "the same" if spread <= 1e-6 * float(diag.sum()) else None

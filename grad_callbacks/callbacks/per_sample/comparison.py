@@ -24,6 +24,7 @@ from grad_callbacks.core.per_sample import (
     loss_grad,
     per_sample_grad_stats,
 )
+from grad_callbacks.core.per_sample.weights import Gram, gram_of
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,17 @@ class _MicroBatch:
     batch: Any
     batch_idx: int
     rng: RngState
+
+
+@dataclass
+class Measured:
+    """What one comparison measured: the scale fit on the mean, the per-sample statistics, the
+    Gram matrices of the per-sample gradients with the batch gradient, and the batch gradient."""
+
+    fit: ScaleFit
+    stats: PerSampleStats
+    gram: Gram | None
+    batch_grad: dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,9 +58,11 @@ class _Comparison:
     batch_fn: Callable[[nn.Module, Any], Tensor]
     chunk_size: int
     method: str
+    size: int = 0  # the micro-batch's batch size B (n of B samples compared)
 
-    def fit(self, eval_bn: bool = False) -> tuple[ScaleFit, PerSampleStats]:
-        """Per-sample statistics and the fit of the batch gradient on their mean."""
+    def fit(self, eval_bn: bool = False) -> Measured:
+        """Per-sample statistics, the fit of the batch gradient on their mean, and the Gram
+        matrices for the weighted fit (the per-sample gradients themselves are not kept)."""
         with (
             isolated(self.pl_module, rng_state=self.micro.rng),
             _stochastic_layers_off(self.pl_module),
@@ -63,8 +77,20 @@ class _Comparison:
                 chunk_size=self.chunk_size,
                 method=self.method,  # type: ignore[arg-type]
                 size=self.n,
+                keep_grads=True,
             )
-        return fit_scale(batch_grad, stats.mean_grad), stats
+        grads, stats.grads = stats.grads, None
+        gram = gram_of(grads, batch_grad) if grads is not None else None
+        return Measured(fit_scale(batch_grad, stats.mean_grad), stats, gram, batch_grad)
+
+    def batch_grad_of(self, batch: Any) -> dict[str, Tensor]:
+        """The batch loss's gradient on ``batch`` (a variant of this comparison's batch), under
+        the same conditions as :meth:`fit` (BatchNorm as the module has it)."""
+        with (
+            isolated(self.pl_module, rng_state=self.micro.rng),
+            _stochastic_layers_off(self.pl_module),
+        ):
+            return loss_grad(self.pl_module, self.batch_fn, batch, params=self.params)
 
     def loss_is_random(self, tol: float) -> bool:
         """Whether the batch gradient changes with the random stream, dropout layers off.

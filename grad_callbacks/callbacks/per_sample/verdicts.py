@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from grad_callbacks.core.diagnosis import SampleVerdict, worst_params
+from grad_callbacks.core.per_sample.weights import Reduction, Weighting, describe_range
 from grad_callbacks.findings import CODES, Finding, make_finding
 
 CHECK = "PerSampleGradientCheck"
@@ -27,11 +28,17 @@ def _module_of(param_name: str) -> str:
     return param_name.rpartition(".")[0] or "(root)"
 
 
+def _of(n: int, size: int) -> str:
+    """``"8 of 32 samples"``: how many samples were compared, of how many in the batch."""
+    return f"{n} of {size or n} samples"
+
+
 def sample_findings(
     samples: SampleVerdict,
     *,
     step: int,
     n: int,
+    size: int,
     batch_idx: int,
     outlier_factor: float,
     outlier_share: float,
@@ -45,8 +52,8 @@ def sample_findings(
                 check=CHECK,
                 step=step,
                 message=(
-                    f"{len(idx)} of {n} samples have NaN/Inf gradients: batch indices "
-                    f"{idx[:20]}{' ...' if len(idx) > 20 else ''} (batch_idx "
+                    f"{len(idx)} of the {_of(n, size)} compared have NaN/Inf gradients: batch "
+                    f"indices {idx[:20]}{' ...' if len(idx) > 20 else ''} (batch_idx "
                     f"{batch_idx}). Fix: {CODES['per-sample-nonfinite'].fix}."
                 ),
                 data={"indices": idx, "batch_idx": batch_idx, "samples": n},
@@ -61,9 +68,10 @@ def sample_findings(
                 step=step,
                 message=(
                     f"sample(s) {idx} of batch_idx {batch_idx} dominate the batch: "
-                    f"gradient norm {samples.outlier_ratio:.1f}x the median of {n} samples "
-                    f"(threshold {outlier_factor}x and {outlier_share:.0%} of the "
-                    f"squared norms). Fix: {CODES['per-sample-outlier'].fix}."
+                    f"gradient norm {samples.outlier_ratio:.1f}x the median of the "
+                    f"{_of(n, size)} compared (threshold {outlier_factor}x and "
+                    f"{outlier_share:.0%} of the squared norms). "
+                    f"Fix: {CODES['per-sample-outlier'].fix}."
                 ),
                 data={"indices": idx, "ratio": samples.outlier_ratio, "samples": n},
             )
@@ -71,17 +79,46 @@ def sample_findings(
     return []
 
 
+def _coupled_message(reduction: Reduction, n: int, size: int, tol: float, alone: str | None) -> str:
+    worst = worst_params(reduction.param_residual)
+    where = (
+        f"Largest residuals in {', '.join(f'{k} ({v:.3g})' for k, v in worst)}"
+        if worst and all(math.isfinite(v) for _, v in worst)
+        else "No parameter's residual could be computed"
+    )
+    if alone is not None:
+        return (
+            f"one sample alone gives {alone} gradient (over the {_of(n, size)} compared) while "
+            f"the batch does: the coupling is in the loss itself (in-batch negatives as in a "
+            f"contrastive loss, a softmax or normalisation over the batch axis). If that is "
+            f"intended, leave PerSampleGradientCheck out (GradientAudit(checks=[...])) or use "
+            f"on_finding='log'; otherwise look for the operation that mixes samples. {where}"
+        )
+    fitted = "the best per-sample weighting" if reduction.weighted else "equal weights"
+    return (
+        f"the batch gradient is not a weighted sum of the per-sample gradients (relative "
+        f"residual {_finite(reduction.residual)} after fitting {fitted}, over the "
+        f"{_of(n, size)} compared, tolerance {tol:g}): samples influence each other's "
+        f"gradients. {where}"
+    )
+
+
+def _finite(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "undefined"
+
+
 def reduction_findings(
-    verdict: str,
+    reduction: Reduction,
     *,
     step: int,
     n: int,
-    scale: float,
-    residual: float,
+    size: int,
     tol: float,
-    param_residual: Mapping[str, Tensor],
+    alone: str | None = None,
 ) -> list[Finding]:
-    """``reduction-sum``, ``reduction-scale`` or ``batch-coupling`` for a scale-fit verdict."""
+    """``reduction-sum``, ``reduction-scale``, ``reduction-weighted`` or ``batch-coupling`` for a
+    reduction verdict (nothing for a mean, or a sum over a count the batch carries)."""
+    verdict, scale, residual = reduction.verdict, reduction.scale, reduction.residual
     if verdict == "sum":
         return [
             make_finding(
@@ -89,9 +126,9 @@ def reduction_findings(
                 check=CHECK,
                 step=step,
                 message=(
-                    f"the batch gradient is {scale:.2f}x the mean per-sample gradient over "
-                    f"{n} samples: the loss is summed over the batch, so the effective "
-                    f"learning rate grows with the batch size. "
+                    f"the batch gradient is {scale:.2f}x the mean per-sample gradient over the "
+                    f"{_of(n, size)} compared: the loss is summed over the batch, so the "
+                    f"effective learning rate grows with the batch size. "
                     f"Fix: {CODES['reduction-sum'].fix}."
                 ),
                 data={"scale": scale, "samples": n, "residual": residual},
@@ -104,17 +141,19 @@ def reduction_findings(
                 check=CHECK,
                 step=step,
                 message=(
-                    f"the batch gradient is {scale:.4g}x the mean per-sample gradient over "
-                    f"{n} samples (neither 1 nor the batch size). "
+                    f"the batch gradient is {scale:.4g}x the mean per-sample gradient over the "
+                    f"{_of(n, size)} compared (neither 1 nor the batch size). "
                     f"Fix: {CODES['reduction-scale'].fix}."
                 ),
                 data={"scale": scale, "samples": n},
             )
         ]
+    if verdict == "weighted":
+        return [_weighted_finding(reduction, step=step, n=n, size=size)]
     if verdict == "coupled":
-        worst = worst_params(param_residual)
+        worst = worst_params(reduction.param_residual)
         # Every parameter over the tolerance, in module order: a key stable across steps.
-        names = _over(param_residual, tol) or tuple(name for name, _ in worst[:1])
+        names = _over(reduction.param_residual, tol) or tuple(name for name, _ in worst[:1])
         modules = sorted({_module_of(name) for name in names})
         return [
             make_finding(
@@ -123,23 +162,88 @@ def reduction_findings(
                 step=step,
                 params=names,
                 message=(
-                    f"the batch gradient is not a multiple of the mean per-sample gradient "
-                    f"(relative residual {residual:.3g} over {n} samples, tolerance {tol:g}): "
-                    f"samples influence each other's gradients. Largest residuals in "
-                    f"{', '.join(f'{k} ({v:.3g})' for k, v in worst)}; modules "
-                    f"{', '.join(modules)}. "
-                    f"Fix: {CODES['batch-coupling'].fix}."
+                    f"{_coupled_message(reduction, n, size, tol, alone)}; modules "
+                    f"{', '.join(modules)}. Fix: {CODES['batch-coupling'].fix}."
                 ),
                 data={
-                    "residual": residual,
-                    "scale": scale,
+                    "residual": residual if math.isfinite(residual) else None,
+                    "scale": scale if math.isfinite(scale) else None,
                     "samples": n,
                     "param_residual": dict(worst),
                     "modules": modules,
+                    "weighted_fit": reduction.weighted,
+                    "in_the_loss": alone is not None,
                 },
             )
         ]
     return []
+
+
+def _weighted_finding(reduction: Reduction, *, step: int, n: int, size: int) -> Finding:
+    weights = reduction.weights or []
+    total = sum(weights)
+    follows = reduction.follows
+    if follows is not None:
+        what = f"proportional to {follows.describe()}"
+        if reduction.basis:
+            what += f", which run from {min(reduction.basis):g} to {max(reduction.basis):g}"
+        if follows.is_count and reduction.own_count:
+            what += ": a mean over the batch's tokens"
+    else:
+        what = (
+            "following nothing found in the batch (no -100 labels, mask, weight tensor or class "
+            "labels match them)"
+        )
+    return make_finding(
+        "reduction-weighted",
+        check=CHECK,
+        step=step,
+        message=(
+            f"the batch loss weights its samples unequally: over the {_of(n, size)} compared, "
+            f"the batch gradient is sum_i w_i g_i with weights w_i from "
+            f"{describe_range(weights)} (summing to {total:.3g}, relative residual "
+            f"{reduction.residual:.2g}), {what}. "
+            f"Fix: {CODES['reduction-weighted'].fix}."
+        ),
+        data={
+            "weights": [round(w, 6) for w in weights],
+            "weight_sum": total,
+            "follows": follows.describe() if follows is not None else None,
+            "counts": reduction.basis,
+            "residual": reduction.residual,
+            "samples": n,
+        },
+    )
+
+
+def accumulation_finding(
+    *, step: int, follows: Weighting, counts: list[float], accumulate: int
+) -> Finding:
+    """``accumulation-weighting``: each micro-batch's loss is a mean over its own count."""
+    lo, hi = min(counts), max(counts)
+    ratio = hi / lo if lo > 0 else math.inf
+    shown = ", ".join(f"{c:g}" for c in counts)
+    return make_finding(
+        "accumulation-weighting",
+        check=CHECK,
+        step=step,
+        message=(
+            f"each micro-batch's loss is a mean over its own {follows.noun()} (the per-sample "
+            f"weights fitted on the gradients follow their count), and the {len(counts)} "
+            f"micro-batches of this optimizer step hold {shown} of them: a token in the "
+            f"micro-batch with {lo:g} weighs "
+            + (f"{ratio:.3g}x" if math.isfinite(ratio) else "infinitely more than")
+            + f" one in the micro-batch with {hi:g}, so the accumulated gradient is not the "
+            f"gradient of the window as one batch (accumulate_grad_batches={accumulate}). "
+            f"Fix: {CODES['accumulation-weighting'].fix}."
+        ),
+        data={
+            "counts": counts,
+            "ratio": ratio if math.isfinite(ratio) else None,
+            "follows": follows.describe(),
+            "microbatches": len(counts),
+        },
+    )
 
 
 def bn_coupling_finding(*, step: int, n: int, residual: float, reason: str = "") -> Finding:

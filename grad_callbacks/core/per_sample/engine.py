@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -92,6 +93,7 @@ def per_sample_grad_stats(
     method: Method = "auto",
     eval_batchnorm: bool = False,
     size: int | None = None,
+    keep_grads: bool = False,
 ) -> PerSampleStats:
     """Statistics of the per-sample gradients of ``loss_fn`` over ``batch``.
 
@@ -111,6 +113,9 @@ def per_sample_grad_stats(
             exception; the reason is recorded in :attr:`PerSampleStats.fallback_reason`).
         eval_batchnorm: run with BatchNorm layers in eval mode (see :func:`batchnorm_eval`).
         size: the batch size, when the batch's tensors disagree about their leading dimension.
+        keep_grads: also keep every per-sample gradient (``PerSampleStats.grads``), for the
+            weighted fit of :mod:`grad_callbacks.core.per_sample.weights`; memory then grows with
+            ``B x parameters``.
 
     Returns:
         A :class:`PerSampleStats` on the module's device (no host-device synchronisation).
@@ -137,7 +142,7 @@ def per_sample_grad_stats(
         method=method,
         eval_batchnorm=eval_batchnorm,
         size=size,
-        make_sink=_StatsSink,
+        make_sink=partial(_StatsSink, keep_grads=keep_grads),
     )
 
 

@@ -30,6 +30,8 @@ class PerSampleStats:
             non-finite samples).
         nonfinite: ``[n]`` bool, whether a sample's gradient holds a NaN or inf.
         param_sq_norm_sum: per parameter, the sum over finite samples of ``||g_i[p]||^2``.
+        grads: with ``keep_grads=True``, per parameter every sample's gradient flattened,
+            ``[n, numel]`` in the parameter's dtype (for :mod:`~.weights`); else None.
     """
 
     method: str
@@ -40,6 +42,7 @@ class PerSampleStats:
     sq_norms: Tensor
     nonfinite: Tensor
     param_sq_norm_sum: dict[str, Tensor]
+    grads: dict[str, Tensor] | None = None
 
     @property
     def n_finite(self) -> int:
@@ -54,8 +57,10 @@ class PerSampleStats:
 
 
 class _StatsSink:
-    def __init__(self, params: dict[str, Tensor], n: int) -> None:
+    def __init__(self, params: dict[str, Tensor], n: int, keep_grads: bool = False) -> None:
         self.n = n
+        # Kept for the weighted fit, which needs every pair of samples (see weights.py).
+        self.kept: dict[str, list[Tensor]] | None = {k: [] for k in params} if keep_grads else None
         dtypes = [_acc_dtype(p.dtype) for p in params.values()]
         dtype = dtypes[0]
         for d in dtypes[1:]:
@@ -91,6 +96,9 @@ class _StatsSink:
             self.param_sq[k] += torch.where(ok, sq[k], 0).sum()
         self.sq_norms[start : start + c] = total
         self.nonfinite[start : start + c] = bad
+        if self.kept is not None:
+            for k, f in flats.items():
+                self.kept[k].append(f)
 
     def result(self, method: str, reason: str | None) -> PerSampleStats:
         return PerSampleStats(
@@ -102,6 +110,7 @@ class _StatsSink:
             sq_norms=self.sq_norms,
             nonfinite=self.nonfinite,
             param_sq_norm_sum=self.param_sq,
+            grads=None if self.kept is None else {k: torch.cat(v) for k, v in self.kept.items()},
         )
 
 

@@ -1,0 +1,209 @@
+"""Weighted reductions (``reduction-weighted``) and accumulation weighting
+(``accumulation-weighting``) in real runs, against a plain loop of single-sample backward passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from grad_callbacks import Finding, GradientAudit, GradientAuditWarning
+from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
+from tests import zoo, zoo_real
+
+
+def _check(**kwargs: Any) -> PerSampleGradientCheck:
+    return PerSampleGradientCheck(every_n_steps=1, on_finding="log", **kwargs)
+
+
+def _alarms(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity != "info"]
+
+
+def _codes(findings: list[Finding]) -> set[str]:
+    return {f.code for f in findings}
+
+
+def _oracle(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """Per-sample gradients by a loop of single-sample backward passes on a copy of the module
+    (``training_step`` on ``batch[i:i+1]``), and the batch gradient by one backward pass."""
+    model = copy.deepcopy(module)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad_of(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        model.zero_grad()
+        model.training_step(b, 0).backward()
+        return torch.cat([p.grad.flatten().clone() for p in params])
+
+    n = batch["labels"].shape[0]
+    rows = torch.stack([grad_of({k: v[i : i + 1] for k, v in batch.items()}) for i in range(n)])
+    return rows, grad_of(batch)
+
+
+# ------------------------------------------------------------------ weighted reductions
+def test_token_mean_weights_are_the_token_counts_by_the_oracle() -> None:
+    torch.manual_seed(0)
+    module = zoo_real.TokenLM()
+    batch = zoo_real.token_batch([2, 9, 5, 4, 12, 7], length=16)
+    before = copy.deepcopy(module)
+    check = _check(check_optimizer_grad=False)
+    zoo.fit(module, [check], data=torch.utils.data.DataLoader([batch], batch_size=None))
+    (finding,) = check.findings
+    assert finding.code == "reduction-weighted" and finding.severity == "info"
+    assert "non-ignored tokens in `labels`" in finding.message and "6 of 6" in finding.message
+    weights = torch.tensor(finding.data["weights"], dtype=torch.float64)
+    counts = torch.tensor([2.0, 9, 5, 4, 12, 7], dtype=torch.float64)
+    # The oracle: per-sample gradients from single-sample backward passes; the reported weights
+    # rebuild the batch gradient, and they are the token counts over their total.
+    rows, batch_grad = _oracle(before, batch)
+    rebuilt = weights.float() @ rows
+    assert torch.linalg.vector_norm(rebuilt - batch_grad) <= 1e-5 * batch_grad.norm()
+    torch.testing.assert_close(weights, counts / counts.sum(), rtol=1e-4, atol=1e-6)
+    assert finding.data["counts"] == counts.tolist()
+
+
+def test_summed_token_loss_is_reduction_sum() -> None:
+    torch.manual_seed(0)
+    check = _check()
+    data = zoo_real.token_windows([[[2, 9, 5, 4]]], length=16)
+    zoo.fit(zoo_real.TokenLM("sum"), [check], data=data)
+    (finding,) = check.findings
+    assert finding.code == "reduction-sum"
+    assert finding.data["scale"] == pytest.approx(4.0, rel=1e-4)
+
+
+def test_mixing_under_a_token_mean_stays_batch_coupling() -> None:
+    torch.manual_seed(0)
+    check = _check(check_optimizer_grad=False)
+    data = zoo_real.token_windows([[[2, 9, 5, 4]]], length=16)
+    zoo.fit(zoo_real.TokenLM(mix=True), [check], data=data)
+    (finding,) = _alarms(check.findings)
+    assert finding.code == "batch-coupling" and finding.severity == "warning"
+    assert finding.data["weighted_fit"] is True and finding.data["residual"] > 0.1
+    assert "after fitting the best per-sample weighting" in finding.message
+
+
+def test_batchnorm_under_a_token_mean_is_explained_and_weighted() -> None:
+    torch.manual_seed(0)
+    check = _check(check_optimizer_grad=False)
+    data = zoo_real.token_windows([[[2, 9, 5, 4]]], length=16)
+    zoo.fit(zoo_real.TokenLM(batchnorm=True), [check], data=data)
+    assert _alarms(check.findings) == []
+    coupling = [f for f in check.findings if f.code == "batch-coupling"]
+    assert coupling and coupling[0].data["explained_by"] == "BatchNorm"
+    assert "reduction-weighted" in _codes(check.findings)
+
+
+def test_in_batch_negatives_give_finite_messages() -> None:
+    class InBatchNegatives(zoo.MLP):
+        """A contrastive loss: each sample's positive is its own target, the others' targets
+        are its negatives. One sample alone has a softmax over one entry: no gradient."""
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            scores = self.net(x) @ y.T  # (B, B)
+            return F.cross_entropy(scores, torch.arange(len(x)))
+
+    check = _check(check_optimizer_grad=False)
+    zoo.fit(InBatchNegatives(), [check], data=zoo.regression_data(n=16, batch_size=8))
+    coupling = [f for f in check.findings if f.code == "batch-coupling"]
+    assert coupling, check.findings
+    for finding in check.findings:
+        assert "nan" not in finding.message.lower() and "inf " not in finding.message.lower()
+    assert "one sample alone gives no gradient" in coupling[0].message
+    assert coupling[0].data["in_the_loss"] is True
+
+
+# ------------------------------------------------------------------ accumulation weighting
+CLASSIC = [[[3, 7], [40, 60]]]  # one window: micro-batches with 10 and 100 target tokens
+
+
+def _fit_window(module: Any, windows: list[Any], num_items: bool = False) -> Any:
+    torch.manual_seed(0)
+    check = _check()
+    data = zoo_real.token_windows(windows, length=64, num_items=num_items)
+    zoo.fit(module, [check], data=data, accumulate_grad_batches=len(windows[0]))
+    return check
+
+
+def test_each_micro_batch_normalized_by_its_own_tokens_is_accumulation_weighting() -> None:
+    check = _fit_window(zoo_real.TokenLM("mean"), CLASSIC)
+    (finding,) = _alarms(check.findings)
+    assert finding.code == "accumulation-weighting" and finding.severity == "warning"
+    assert finding.data["counts"] == [10.0, 100.0]
+    assert finding.data["ratio"] == pytest.approx(10.0)
+    assert "10x" in finding.message and "whole accumulation window" in finding.message
+
+
+def test_equal_counts_across_micro_batches_are_silent() -> None:
+    check = _fit_window(zoo_real.TokenLM("mean"), [[[3, 7], [4, 6]]])
+    assert _alarms(check.findings) == []
+    assert check.steps_checked == 1
+
+
+def test_window_normalized_loss_is_a_mean_not_a_sum() -> None:
+    # The num_items_in_batch recipe: the token sum over the window's count. A sum over the
+    # micro-batch, but a mean over the optimizer step's tokens.
+    check = _fit_window(zoo_real.TokenLM("window"), CLASSIC, num_items=True)
+    assert check.findings == []
+    assert check.steps_checked == 1
+
+
+def test_per_sample_means_are_silent_under_accumulation() -> None:
+    check = _fit_window(zoo_real.TokenLM("per-sample"), CLASSIC)
+    assert check.findings == []
+
+
+# ------------------------------------------------------------------ real models
+WEIGHTED = {"gpt2", "llama", "t5", "bart"}
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5", "gpt2", "llama", "bert"])
+def test_hugging_face_models_train_clean_with_the_audit(kind: str) -> None:
+    zoo_real.require_transformers()
+    torch.manual_seed(0)
+    audit = GradientAudit(on_finding="log")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientAuditWarning)
+        zoo.fit(zoo_real.HFModule(kind), [audit], data=zoo_real.hf_loader(kind), max_steps=1)
+    per_sample = next(c for c in audit.checks if isinstance(c, PerSampleGradientCheck))
+    assert per_sample.steps_checked == 1
+    assert _alarms(audit.findings) == []
+    weighted = [f for f in audit.findings if f.code == "reduction-weighted"]
+    if kind in WEIGHTED:
+        (finding,) = weighted
+        assert "tokens" in finding.data["follows"]
+        assert math.isclose(finding.data["weight_sum"], 1.0, rel_tol=1e-3)
+    else:
+        assert weighted == []
+
+
+class SummedGPT2(zoo_real.HFModule):
+    """Planted: the token losses of a GPT-2 LM summed, not averaged."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+
+
+def test_summed_gpt2_token_loss_is_reduction_sum() -> None:
+    zoo_real.require_transformers()
+    torch.manual_seed(0)
+    check = _check(check_optimizer_grad=False)
+    zoo.fit(SummedGPT2("gpt2"), [check], data=zoo_real.hf_loader("gpt2"), max_steps=1)
+    (finding,) = check.findings
+    assert finding.code == "reduction-sum"
+    assert finding.data["scale"] == pytest.approx(8.0, rel=1e-3)
