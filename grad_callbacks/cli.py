@@ -34,21 +34,24 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from grad_callbacks.findings import CODES, SEVERITY_RANK, Finding, at_least
+from grad_callbacks.render import (
+    SEVERITY_STYLE,
+    console,
+    md_cell,
+    render_json,
+    render_markdown,
+    render_text,
+)
 from grad_callbacks.sinks.report import find_reports, load_report
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 
-#: How many parameter names a table cell shows before "+N more".
-MAX_PARAMS_SHOWN = 3
-#: Console width when stdout is not a terminal (CI logs) and COLUMNS is not set.
-DEFAULT_PIPE_WIDTH = 150
-#: Below this width findings are printed as blocks instead of a table.
-NARROW_WIDTH = 120
 DEFAULT_DEMO_DIR = "./grad_audit_demo"
+#: Path components naming a run outside the working directory (``name/version`` and the root).
+LABEL_PARTS = 3
 
-_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _NOT_FOUND = (
     "no gradient audit found under {path}: train with grad_callbacks.GradientAudit() or a check "
     "callback attached; the report is written at the end of fit to the logger's log_dir"
@@ -77,10 +80,21 @@ class Run:
     findings: list[Finding] = field(default_factory=list)
 
     @property
+    def label(self) -> str:
+        """The run's directory as a path a reader recognises: relative to the working directory
+        when under it, else its last :data:`LABEL_PARTS` components
+        (``lightning_logs/text_buggy/version_0``)."""
+        directory = self.path.parent.resolve()
+        try:
+            return directory.relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return "/".join(directory.parts[-LABEL_PARTS:])
+
+    @property
     def slug(self) -> str:
-        """A file name stem for its outputs (``broken/version_0`` -> ``broken_version_0``)."""
-        title = self.path.parent.name if self.title == str(self.path.parent) else self.title
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", title.strip("/")).strip("._")
+        """A file name stem for its outputs, after :attr:`label`
+        (``lightning_logs/text_buggy/version_0`` -> ``lightning_logs_text_buggy_version_0``)."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.label.strip("/")).strip("._")
         return slug or "run"
 
     @property
@@ -138,210 +152,6 @@ def load_runs(run_dir: str | os.PathLike[str]) -> tuple[list[Run], list[str]]:
     return runs, errors
 
 
-# ---------------------------------------------------------------------------- formatting
-def _params_cell(params: Sequence[str]) -> str:
-    shown = ", ".join(params[:MAX_PARAMS_SHOWN])
-    extra = len(params) - MAX_PARAMS_SHOWN
-    return shown + (f" +{extra} more" if extra > 0 else "")
-
-
-def _fix(finding: Finding) -> str:
-    """The fix column: the code's usual fix; for a skipped check, why it skipped."""
-    reason = finding.data.get("reason") if finding.code == "check-skipped" else None
-    if isinstance(reason, str) and reason:
-        return reason
-    info = CODES.get(finding.code)
-    return info.fix if info is not None else "(unknown code: see the finding's message)"
-
-
-def _versions(report: Mapping[str, Any]) -> str:
-    versions = report.get("versions") or {}
-    if not isinstance(versions, Mapping):
-        return str(versions)
-    return ", ".join(f"{k} {v}" for k, v in versions.items())
-
-
-def _header(run: Run) -> str:
-    r = run.report
-    return (
-        f"status: {r.get('status', '?')} | global_step: {r.get('global_step', '?')} | "
-        f"world size: {r.get('world_size', '?')} | versions: {_versions(r)}"
-    )
-
-
-def _check_lines(run: Run) -> list[str]:
-    lines = []
-    for c in run.report.get("checks", []) or []:
-        seconds = c.get("seconds")
-        secs = _duration(seconds) if isinstance(seconds, (int, float)) else "? s"
-        lines.append(f"{c.get('name', '?')}: {c.get('steps_checked', '?')} steps checked, {secs}")
-    return lines
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1.0:
-        return f"{seconds * 1000:.3g} ms"
-    return f"{seconds:.2f} s"
-
-
-def _sorted(findings: Sequence[Finding]) -> list[Finding]:
-    return sorted(findings, key=lambda f: (-SEVERITY_RANK[f.severity], f.step, f.code))
-
-
-def _console_width(width: int | None, stream: TextIO) -> int | None:
-    if width:
-        return width
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty():
-        return None  # rich measures the terminal
-    try:
-        columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
-    return columns if columns > 40 else DEFAULT_PIPE_WIDTH
-
-
-def _console(width: int | None, stream: TextIO) -> Any:
-    from rich.console import Console
-
-    return Console(
-        file=stream,
-        soft_wrap=False,
-        width=_console_width(width, stream),
-        highlight=False,
-        emoji=False,
-    )
-
-
-def _findings_table(findings: Sequence[Finding]) -> Any:
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(show_lines=True, expand=True, header_style="bold")
-    table.add_column("check", overflow="fold")
-    table.add_column("code", overflow="fold", min_width=12)
-    table.add_column("severity", overflow="fold")
-    table.add_column("first step", justify="right", overflow="fold")
-    table.add_column("count", justify="right", overflow="fold")
-    table.add_column("parameters", overflow="fold", ratio=2, min_width=20)
-    table.add_column("fix", overflow="fold", ratio=3, min_width=30)
-    for f in _sorted(findings):
-        table.add_row(
-            Text(f.check),
-            Text(f.code),
-            Text(f.severity, style=_SEVERITY_STYLE.get(f.severity, "")),
-            Text(str(f.step)),
-            Text(str(f.count)),
-            Text(_params_cell(f.params)),
-            Text(_fix(f)),
-        )
-    return table
-
-
-def _print_stacked(console: Any, findings: Sequence[Finding]) -> None:
-    """The table's content as one block per finding, for consoles too narrow for a table."""
-    from rich.padding import Padding
-    from rich.table import Table
-    from rich.text import Text
-
-    for f in _sorted(findings):
-        console.print(
-            Text.assemble((f.severity, _SEVERITY_STYLE.get(f.severity, "")), " ", (f.code, "bold"))
-        )
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="dim", no_wrap=True)
-        grid.add_column(overflow="fold")
-        for label, value in (
-            ("check", f.check),
-            ("first step", str(f.step)),
-            ("count", str(f.count)),
-            ("parameters", _params_cell(f.params) or "-"),
-            ("fix", _fix(f)),
-        ):
-            grid.add_row(Text(label + ":"), Text(value))
-        console.print(Padding(grid, (0, 0, 0, 2), expand=False))
-
-
-def render_text(
-    runs: Sequence[Run], stream: TextIO, width: int | None = None, verbose: bool = False
-) -> None:
-    """Print every run as a header and a rich table (wrapped, never truncated).
-
-    Below :data:`NARROW_WIDTH` columns each finding is printed as a block of lines instead.
-
-    Args:
-        runs: the loaded runs.
-        stream: where to print.
-        width: text width; default: the terminal's, or ``COLUMNS`` / 150 when not a terminal.
-        verbose: also print each finding's full message.
-    """
-    from rich.text import Text
-
-    console = _console(width, stream)
-    for i, run in enumerate(runs):
-        if i:
-            console.print()
-        console.rule(Text(run.title, style="bold"), align="left")
-        console.print(Text(_header(run)))
-        if run.report.get("error"):
-            console.print(Text(f"error: {run.report['error']}", style="red"))
-        for line in _check_lines(run):
-            console.print(Text("  " + line))
-        if not run.findings:
-            console.print(Text("No findings.", style="green"))
-            continue
-        if console.width < NARROW_WIDTH:
-            _print_stacked(console, run.findings)
-        else:
-            console.print(_findings_table(run.findings))
-        if verbose:
-            for f in _sorted(run.findings):
-                console.print(Text.assemble((f"[{f.code} @ step {f.step}] ", "bold"), f.message))
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(runs: Sequence[Run], stream: TextIO, verbose: bool = False) -> None:
-    """Print every run as a markdown section with a findings table (and messages if verbose)."""
-    out: list[str] = []
-    for run in runs:
-        out.append(f"## {run.title}")
-        out.append("")
-        for part in _header(run).split(" | "):
-            out.append(f"- {part}")
-        if run.report.get("error"):
-            out.append(f"- error: `{_md_cell(str(run.report['error']))}`")
-        for line in _check_lines(run):
-            out.append(f"- {_md_cell(line)}")
-        out.append("")
-        if not run.findings:
-            out.append("No findings.")
-        else:
-            out.append("| check | code | severity | first step | count | parameters | fix |")
-            out.append("|---|---|---|---|---|---|---|")
-            for f in _sorted(run.findings):
-                out.append(
-                    f"| {_md_cell(f.check)} | `{f.code}` | {f.severity} | {f.step} | {f.count} "
-                    f"| {_md_cell(_params_cell(f.params))} | {_md_cell(_fix(f))} |"
-                )
-            if verbose:
-                out.append("")
-                out += [
-                    f"- `{f.code}` @ step {f.step}: {_md_cell(f.message)}"
-                    for f in _sorted(run.findings)
-                ]
-        out.append("")
-    stream.write("\n".join(out))
-
-
-def render_json(runs: Sequence[Run], stream: TextIO) -> None:
-    """Print the loaded reports as a JSON list (each with a ``path`` key added)."""
-    payload = [{"path": str(run.path), **run.report} for run in runs]
-    stream.write(json.dumps(payload, indent=2, default=str) + "\n")
-
-
 def write_plots(runs: Sequence[Run], out_dir: str | os.PathLike[str], stream: TextIO) -> list[Path]:
     """One PNG per run with TensorBoard audit scalars; says so for runs without any."""
     from grad_callbacks.plots import plot_run
@@ -362,7 +172,7 @@ def write_plots(runs: Sequence[Run], out_dir: str | os.PathLike[str], stream: Te
             name += "_"
         used.add(name)
         path = plot_run(
-            scalars, run.findings, Path(out_dir) / f"{name}.png", title=f"grad_audit: {run.title}"
+            scalars, run.findings, Path(out_dir) / f"{name}.png", title=f"grad_audit: {run.label}"
         )
         written.append(path)
         stream.write(f"wrote {path}\n")
@@ -429,7 +239,7 @@ def cmd_codes(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     elif args.format == "md":
         lines = ["| code | severity | meaning |", "|---|---|---|"]
-        lines += [f"| `{c.code}` | {c.severity} | {_md_cell(c.summary)} |" for c in CODES.values()]
+        lines += [f"| `{c.code}` | {c.severity} | {md_cell(c.summary)} |" for c in CODES.values()]
         sys.stdout.write("\n".join(lines) + "\n")
     else:
         from rich.table import Table
@@ -441,9 +251,9 @@ def cmd_codes(args: argparse.Namespace) -> int:
         table.add_column("meaning", overflow="fold")
         for c in CODES.values():
             table.add_row(
-                Text(c.code), Text(c.severity, style=_SEVERITY_STYLE[c.severity]), Text(c.summary)
+                Text(c.code), Text(c.severity, style=SEVERITY_STYLE[c.severity]), Text(c.summary)
             )
-        _console(args.width, sys.stdout).print(table)
+        console(args.width, sys.stdout).print(table)
     return EXIT_OK
 
 

@@ -74,6 +74,19 @@ def draw_marker(ax: Axes, marker: Marker, *, annotate: bool, legend: bool = Fals
         )
 
 
+def _draw_single(ax: Axes, step: int, value: float) -> None:
+    """A series with one point (a check that ran once): a marker, labelled with its step."""
+    ax.plot([step], [value], marker="o", linestyle="none", color="tab:blue")
+    ax.annotate(
+        f"ran once: step {step}, {value:.4g}",
+        xy=(step, value),
+        xytext=(6, 0),
+        textcoords="offset points",
+        va="center",
+        fontsize=7,
+    )
+
+
 def finding_markers(findings: Iterable[Finding]) -> list[Marker]:
     """One :class:`Marker` per step at which a warning or error finding was first seen.
 
@@ -103,7 +116,8 @@ def build_figure(
 ) -> Figure:
     """A figure with one subplot per scalar tag (steps on x) and the findings marked.
 
-    Each warning or error finding gets a dashed vertical line at its first step on every
+    A series with a single point (a check that ran once) is drawn as a marker labelled with its
+    step. Each warning or error finding gets a dashed vertical line at its first step on every
     subplot, labelled with its code on the top subplot of each column and in the legend. Up to
     :data:`PANELS_PER_COLUMN` panels go in one column, then more columns are added (at most
     :data:`MAX_COLUMNS`).
@@ -124,6 +138,7 @@ def build_figure(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     all_tags = sorted(scalars)
     tags = all_tags[:max_panels]
@@ -141,11 +156,21 @@ def build_figure(
         points = scalars[tag]
         steps = [s for s, _ in points]
         values = [v for _, v in points]
-        ax.plot(steps, values, marker="." if len(points) < 50 else None, lw=1.2)
+        if len(points) == 1:
+            _draw_single(ax, steps[0], values[0])
+        else:
+            ax.plot(steps, values, marker="." if len(points) < 50 else None, lw=1.2)
         ax.set_title(tag.removeprefix(_AUDIT_PREFIX), fontsize=8, loc="left")
         ax.grid(alpha=0.3)
         for m in markers:
             draw_marker(ax, m, annotate=i % nrows == 0, legend=True)
+    # Steps are integers; a run whose every point sits at one step gets a readable axis
+    # around it instead of matplotlib's +-1e-17 one.
+    first = min(s for tag in tags for s, _ in scalars[tag])
+    last = max(s for tag in tags for s, _ in scalars[tag])
+    grid[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    if first == last:
+        grid[0, 0].set_xlim(first - 1, last + 1)
     for c in range(ncols):
         grid[nrows - 1, c].set_xlabel("global step")
         grid[nrows - 1, c].xaxis.set_tick_params(labelbottom=True)

@@ -75,6 +75,7 @@ def test_text_report_of_a_broken_run(runs: Runs, capsys: pytest.CaptureFixture[s
     assert "status: finished" in out
     assert "global_step: 7" in out
     assert "steps checked" in out
+    assert "cost: not measured" in out  # a check used alone has no overhead budget
     assert "+1 more" in out  # 4 parameters, 3 shown
     assert "no-op)" in out  # the end of CODES["missing-zero-grad"].fix: wrapped, not cut
     assert "…" not in out
@@ -274,7 +275,13 @@ def test_plot_writes_a_png_per_run_with_the_finding_marked(
     code, out, _ = _run(capsys, "report", runs.root, "--plot", out_dir, "--fail-on", "error")
     assert code == 1
     pngs = sorted(out_dir.glob("*.png"))
-    assert [p.name for p in pngs] == ["broken_version_0.png", "clean_version_0.png"]
+    # named after the run's path (its last three components outside the working directory)
+    prefix = runs.root.name
+    assert [p.name for p in pngs] == [
+        f"{prefix}_broken_version_0.png",
+        f"{prefix}_clean_version_0.png",
+    ]
+    assert _png_text(pngs[0])["Title"] == f"grad_audit: {prefix}/broken/version_0"
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f"wrote {png}" in out
@@ -289,7 +296,28 @@ def test_plot_with_json_keeps_stdout_parseable(
     assert code == 0
     assert len(json.loads(out)) == 1
     assert "wrote" in err
-    assert (tmp_path / "version_0.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / f"{runs.root.name}_broken_version_0.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plots_of_two_runs_both_named_version_0_do_not_collide(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Plotting each run directory on its own used to write version_0.png twice."""
+    out_dir = tmp_path / "plots"
+    assert _run(capsys, "report", runs.broken, "--plot", out_dir)[0] == 0
+    assert _run(capsys, "report", runs.clean, "--plot", out_dir)[0] == 0
+    names = sorted(p.name for p in out_dir.glob("*.png"))
+    assert names == [f"{runs.root.name}_broken_version_0.png", f"{runs.root.name}_clean_version_0.png"]
+
+
+def test_a_run_under_the_working_directory_is_named_by_its_relative_path(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(runs.root.parent)
+    out_dir = tmp_path / "plots"
+    assert _run(capsys, "report", Path(runs.root.name) / "broken", "--plot", out_dir)[0] == 0
+    (png,) = out_dir.glob("*.png")
+    assert png.name == f"{runs.root.name}_broken_version_0.png"
 
 
 def test_plot_without_event_files_says_so(
@@ -432,3 +460,20 @@ def test_skipped_check_shows_its_reason_in_the_fix_column(
     assert code == 0
     assert "pass input_mapping=..." in out
     assert CODES["check-skipped"].fix not in out
+
+
+def test_figure_draws_a_series_of_one_point_as_a_marker_with_its_step() -> None:
+    """A check that ran once: a labelled marker on a readable integer axis, not a dot on an
+    axis of +-1e-17."""
+    from grad_callbacks.plots import build_figure
+
+    scalars = {"grad_audit/batch_mixing/mixing_pairs": [(0, 0.0)]}
+    fig = build_figure(scalars, [])
+    (ax,) = fig.axes
+    assert ax.get_xlim() == (-1.0, 1.0)
+    assert any("ran once: step 0" in t.get_text() for t in ax.texts)
+    (line,) = ax.get_lines()
+    assert line.get_marker() == "o"
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert all(float(t.replace("\u2212", "-")).is_integer() for t in ticks), ticks

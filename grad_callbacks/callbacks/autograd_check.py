@@ -238,6 +238,15 @@ class AutogradCheck(AuditCallback):
             "eps": tol.eps,
         }
 
+    def idle_reason(self) -> str:
+        if self.graph_walks and not self._functions and not self.modules:
+            return (
+                "nothing to compare: the loss graph of the first training batch uses no custom "
+                "torch.autograd.Function, and no modules were named (AutogradCheck(modules=[...]) "
+                "checks chosen modules)"
+            )
+        return super().idle_reason()
+
     def run_now(self) -> None:
         """Check again at the next training batch."""
         self._requested = True

@@ -482,9 +482,9 @@ class AuditCallback(pl.Callback):
         return {}
 
     def report_entry(self) -> dict[str, Any]:
-        """This check's section of the report."""
+        """This check's section of the report (with ``idle_reason`` when it checked no step)."""
         findings = sorted(self.findings, key=lambda f: (-SEVERITY_RANK[f.severity], f.step))
-        return {
+        entry = {
             "name": self.check_name,
             "state_key": self.state_key,
             "settings": self.settings(),
@@ -492,6 +492,23 @@ class AuditCallback(pl.Callback):
             "seconds": round(self.total_seconds, 6),
             "findings": [f.to_dict() for f in findings],
         }
+        if self.steps_checked == 0:
+            entry["idle_reason"] = self.idle_reason()
+        return entry
+
+    def idle_reason(self) -> str:
+        """Why the check checked no step of the run: a skip's reason, or what its schedule
+        met. Checks that know more (nothing to check in this model) say so."""
+        skipped = [f for f in self.findings if f.code == "check-skipped"]
+        if skipped:
+            return f"skipped: {skipped[0].data.get('reason', skipped[0].message)}"
+        steps = self._trainer.global_step if self._trainer is not None else 0
+        if steps == 0:
+            return "training took no optimizer step"
+        return (
+            f"no step of the run's {steps} optimizer step(s) was due under its schedule "
+            f"(every_n_steps={self.every_n_steps})"
+        )
 
 
 # The two context managers every hook enters, as classes: a generator-based @contextmanager
