@@ -307,7 +307,8 @@ def test_plots_of_two_runs_both_named_version_0_do_not_collide(
     assert _run(capsys, "report", runs.broken, "--plot", out_dir)[0] == 0
     assert _run(capsys, "report", runs.clean, "--plot", out_dir)[0] == 0
     names = sorted(p.name for p in out_dir.glob("*.png"))
-    assert names == [f"{runs.root.name}_broken_version_0.png", f"{runs.root.name}_clean_version_0.png"]
+    prefix = runs.root.name
+    assert names == [f"{prefix}_broken_version_0.png", f"{prefix}_clean_version_0.png"]
 
 
 def test_a_run_under_the_working_directory_is_named_by_its_relative_path(

@@ -33,10 +33,11 @@ def _report(capsys: pytest.CaptureFixture[str], *argv: object) -> str:
 
 
 def test_the_report_says_why_autograd_check_checked_no_step(audited: Path) -> None:
-    (entry,) = [c for c in load_report(audited / REPORT_NAME)["checks"] if c["name"] == "AutogradCheck"]
+    checks = load_report(audited / REPORT_NAME)["checks"]
+    (entry,) = [c for c in checks if c["name"] == "AutogradCheck"]
     assert entry["steps_checked"] == 0
     assert "no custom torch.autograd.Function" in entry["idle_reason"]
-    others = [c for c in load_report(audited / REPORT_NAME)["checks"] if c["steps_checked"]]
+    others = [c for c in checks if c["steps_checked"]]
     assert others and all("idle_reason" not in c for c in others)
 
 
