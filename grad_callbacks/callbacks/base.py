@@ -300,10 +300,25 @@ class AuditCallback(pl.Callback):
         """Count the time spent inside the block (a ``with`` statement) as this check's time."""
         return _Timer(self)
 
-    def wants_scalars(self) -> bool:
-        """Whether this step's scalars are logged: the Trainer's ``log_every_n_steps`` cadence."""
+    @property
+    def sampled(self) -> bool:
+        """Whether the check watches some batches only (windows under GradientAudit's budget)."""
+        return self.watches_steps and getattr(self._owner, "watch_windows", None) is not None
+
+    def wants_scalars(self, step: int | None = None) -> bool:
+        """Whether the scalars of a checked step (default: the current one) are logged.
+
+        A check that checks every step logs on the Trainer's ``log_every_n_steps`` cadence; one
+        that watches windows of batches logs every step it checks (so that its chart is a line
+        and not the one point where a window met the cadence; the budget pays for it).
+        """
         trainer = self._trainer
-        return trainer is not None and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+        if trainer is None:
+            return False
+        if self.sampled:
+            return True
+        stamp = trainer.global_step if step is None else step
+        return stamp % max(trainer.log_every_n_steps, 1) == 0
 
     def queue_scalars(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Queue scalars (tags under ``grad_audit/<metric_prefix>/``) for the next write.

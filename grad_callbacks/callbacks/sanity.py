@@ -259,8 +259,7 @@ class GradientSanityCheck(AuditCallback):
         )
         self.steps_checked += 1
         if self.current_step % self.every_n_steps == 0:
-            wait = self.on_finding == "raise" or self.wants_scalars()
-            self._submit(wait=wait)
+            self._submit(wait=self.on_finding == "raise")
         elif self._monitor.pending_steps >= _MAX_PENDING_STEPS:
             self._submit()  # bounds device memory; on CUDA the copy does not wait
 
@@ -273,20 +272,28 @@ class GradientSanityCheck(AuditCallback):
             tensor, layout = collected
             self._reads.append((HostCopy(tensor), layout, self._monitor, self.current_step))
             if wait:
-                self._poll(wait=True, scalars=True)
+                self._poll(wait=True)
 
-    def _poll(self, wait: bool = False, scalars: bool = False) -> None:
-        """Report what the reads that have landed show (in order; waits if ``wait``)."""
+    def _poll(self, wait: bool = False) -> None:
+        """Report what the reads that have landed show (in order; waits if ``wait``).
+
+        Each step a read covers gets its scalars (when :meth:`wants_scalars` of that step),
+        stamped with that step: they come with the read, without waiting for it.
+        """
         while self._reads and (wait or self._reads[0][0].ready()):
-            copy, layout, monitor, step = self._reads.pop(0)
+            copy, layout, monitor, _ = self._reads.pop(0)
             summaries = monitor.decode(copy.result(), layout)
-            if scalars and step == self.current_step and self.wants_scalars():
-                self.queue_scalars(
-                    {
-                        "missing_params": sum(s.without_grad for s in summaries),
-                        "nonfinite_params": sum(len(s.nonfinite) for s in summaries),
-                    }
-                )
+            counts: dict[int, list[int]] = {}
+            for summary in summaries:
+                for step, without_grad, nonfinite in summary.per_step:
+                    count = counts.setdefault(step, [0, 0])
+                    count[0] += without_grad
+                    count[1] += nonfinite
+            for step, (without_grad, nonfinite) in sorted(counts.items()):
+                if self.wants_scalars(step):
+                    self.queue_scalars(
+                        {"missing_params": without_grad, "nonfinite_params": nonfinite}, step=step
+                    )
             for summary in summaries:
                 self._report_summary(summary)
 

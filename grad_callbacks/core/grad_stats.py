@@ -68,6 +68,9 @@ class GroupSummary:
         nonfinite_step: the first such step (-1 if none).
         without_grad: trainable parameters that got no gradient at the group's latest step.
         streak: the longest no-gradient streak among ``missing`` (0 if none).
+        per_step: ``(step, without_grad, nonfinite)`` for every step of the window, in order:
+            how many trainable parameters got no gradient, and how many had a NaN/Inf one
+            (counted only where ``count_nonfinite``), at that step.
     """
 
     group: int
@@ -77,6 +80,7 @@ class GroupSummary:
     nonfinite_step: int = _NO_STEP
     without_grad: int = 0
     streak: int = 0
+    per_step: tuple[tuple[int, int, int], ...] = ()
 
 
 class _Group:
@@ -232,6 +236,7 @@ class GradSanityMonitor:
             gaps.append(row.after_gap)
         first_missing: dict[int, Tensor] = {}
         first_nonfinite: dict[int, Tensor] = {}
+        per_step: dict[int, tuple[tuple[int, int, int], ...]] = {}
         for index, (vs, ts, steps, counted, gaps) in rows.items():
             g = self.groups[index]
             step_of = torch.tensor(steps)
@@ -249,6 +254,9 @@ class GradSanityMonitor:
             first_missing[index] = _first_step(streaks >= self.patience, step_of)
             bad = ~torch.isfinite(torch.stack(ts)) & torch.tensor(counted).unsqueeze(1)
             first_nonfinite[index] = _first_step(bad, step_of)
+            per_step[index] = tuple(
+                zip(steps, (~got).sum(dim=1).tolist(), bad.sum(dim=1).tolist(), strict=True)
+            )
         out = []
         for index in sorted(first_missing):
             g = self.groups[index]
@@ -265,6 +273,7 @@ class GradSanityMonitor:
                     nonfinite_step=min((fn[i] for i in bad), default=_NO_STEP),
                     without_grad=sum(1 for s in streak if s > 0),
                     streak=max((streak[i] for i in hit), default=0),
+                    per_step=per_step[index],
                 )
             )
         return out

@@ -269,3 +269,22 @@ def test_windows_follow_a_gradient_accumulation_scheduler() -> None:
     assert windows is not None and windows.length == 16
     # the third window would open at epoch 1's batch 21, and waits for batch 22
     assert audit.findings == []
+
+
+def test_watching_checks_log_a_scalar_at_every_step_they_check() -> None:
+    """Under windows, the per-step checks' charts are lines: one point per watched step (they
+    were logged only where a window met the log_every_n_steps cadence: step 0)."""
+    logger = zoo.RecordingLogger()
+    audit = _audit(on_finding="log")
+    zoo.fit(zoo.MLP(), [audit], data=_data(), logger=logger, log_every_n_steps=50)
+    zero_grad, sanity = audit.checks
+    watched = _watched(audit.watch_windows.length)
+    assert len(watched) == zero_grad.steps_checked == sanity.steps_checked > 2 * 8
+
+    def steps(tag: str) -> list[int]:
+        return sorted(s for s, m in logger.metrics.items() if tag in m)
+
+    assert steps("grad_audit/zero_grad/uncleared_params") == watched
+    assert steps("grad_audit/sanity/missing_params") == watched
+    assert steps("grad_audit/sanity/nonfinite_params") == watched
+    assert {logger.metrics[s]["grad_audit/sanity/missing_params"] for s in watched} == {0.0}

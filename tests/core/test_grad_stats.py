@@ -97,3 +97,22 @@ def test_a_gap_restarts_streaks_so_sparse_use_is_not_missing() -> None:
     (summary,) = monitor.decode(HostCopy(tensor).result(), layout)
     assert summary.missing == ()
     assert summary.without_grad == 1  # rare, at the last observed step
+
+
+def test_each_step_of_a_read_has_its_own_counts() -> None:
+    """per_step: parameters without a gradient and with NaN/Inf at each step, counted by hand."""
+    a, b, frozen = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    frozen.requires_grad_(False)
+    monitor = GradSanityMonitor([[("a", a), ("b", b), ("frozen", frozen)]], patience=5)
+    expected = []
+    for step in range(4):
+        loss = a.sum() * (float("nan") if step == 2 else 1.0)
+        if step % 2:
+            loss = loss + b.sum()
+        loss.backward()
+        monitor.observe(0, 10 + step)
+        expected.append((10 + step, 0 if step % 2 else 1, 1 if step == 2 else 0))
+        a.grad, b.grad = None, None
+    tensor, layout = monitor.collect()  # type: ignore[misc]
+    (summary,) = monitor.decode(HostCopy(tensor).result(), layout)
+    assert summary.per_step == tuple(expected)
