@@ -29,8 +29,10 @@ HIST_TAG = "grad_audit/monitor/grad_hist/"
 class GradientMonitor(AuditCallback):
     """Logs per-module gradient norms (before clipping), update/weight ratios and histograms.
 
-    At every step whose ``global_step`` is a multiple of ``every_n_steps`` (and at no other),
-    for each optimizer that steps:
+    Once every ``every_n_steps`` global steps for each optimizer: at the optimizer's first step
+    at or after each multiple of ``every_n_steps`` (with one optimizer, the steps that are
+    multiples; with several, each optimizer's own steps, so that a GAN's discriminator, which
+    steps at odd global steps, is monitored too):
 
     * ``grad_norm/<module>``: the L2 norm of the gradients of the module's parameters in that
       optimizer, as the optimizer receives them before clipping (unscaled under a GradScaler);
@@ -87,6 +89,9 @@ class GradientMonitor(AuditCallback):
         self._names: dict[int, str] = {}
         self._optimizers: list[Any] = []
         self._pending: list[tuple[int, int, StepObservation]] = []
+        #: Per optimizer, the global step of its previous step (the step before fit's first
+        #: until it steps): it is monitored when a multiple of every_n_steps lies after it.
+        self._previous: list[int] = []
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -110,17 +115,21 @@ class GradientMonitor(AuditCallback):
             self._names.setdefault(id(p), name)
         self._optimizers = list(trainer.optimizers)
         self._pending = []
+        self._previous = [trainer.global_step - 1] * len(self._optimizers)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         step = self.current_step
-        if step % self.every_n_steps or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
         raw = getattr(optimizer, "_optimizer", optimizer)
         index = next((i for i, opt in enumerate(self._optimizers) if opt is raw), None)
         if index is None:
             return
+        previous, self._previous[index] = self._previous[index], step
+        if step // self.every_n_steps == previous // self.every_n_steps:
+            return  # no multiple of every_n_steps in (previous, step]
         with self.timed(), self.guarded("the gradient monitor"):
             named = [
                 (self._names.get(id(p), f"optimizer{index}.param{j}"), p)

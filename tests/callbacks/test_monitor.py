@@ -229,6 +229,24 @@ def test_manual_optimization_with_two_optimizers() -> None:
     assert not [t for t in tags if "generator" in t and t.endswith("_opt1")]
 
 
+def test_every_optimizer_is_monitored_when_they_step_at_odd_and_even_steps() -> None:
+    """A GAN steps its optimizers at alternate global steps: each is monitored at its first
+    step at or after every multiple of every_n_steps (the generator, stepping at odd steps, was
+    never monitored with an even every_n_steps)."""
+    logger = zoo.RecordingLogger()
+    monitor = GradientMonitor(every_n_steps=4, histograms=False)
+    zoo.fit(zoo.GAN("toggle"), [monitor], data=zoo.gan_data(), logger=logger)
+
+    def steps(tag: str) -> list[int]:
+        return sorted(s for s, m in logger.metrics.items() if PREFIX + tag in m)
+
+    assert steps("grad_norm/total_opt1") == [0, 4, 8]  # the discriminator steps first
+    assert steps("grad_norm/total_opt0") == [1, 5, 9]
+    assert steps("grad_norm/generator.0_opt0") == [1, 5, 9]
+    assert steps("update_ratio/generator.2_opt0") == [1, 5, 9]
+    assert monitor.steps_checked == 6
+
+
 def test_per_parameter_tags() -> None:
     logger = zoo.RecordingLogger()
     zoo.fit(
