@@ -589,18 +589,23 @@ def draw_histograms(runs: Sequence[RunData], tag: str, path: Path) -> Path:
 def draw_report_plot(run_dir: Path, path: Path) -> Path:
     """What ``grad-audit report LOGS --plot DIR`` writes for the run at ``run_dir``.
 
-    The run is copied alone into a temporary ``LOGS`` so that the command plots only it, titled
-    with its name (as for ``grad-audit report lightning_logs``), not a temporary path.
+    The run is copied alone into ``lightning_logs/`` of a temporary working directory, so that
+    the command plots only it, named and titled after its path there
+    (``lightning_logs/<name>``, as for ``grad-audit report lightning_logs``).
     """
     from grad_callbacks.cli import main as cli_main
 
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        logs, plots = Path(tmp) / "logs", Path(tmp) / "plots"
-        shutil.copytree(run_dir, logs / run_dir.name)
-        code = cli_main(["report", str(logs), "--plot", str(plots)])
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.chdir(tmp),
+    ):
+        shutil.copytree(run_dir, Path("lightning_logs") / run_dir.name)
+        code = cli_main(["report", "lightning_logs", "--plot", "plots"])
         if code != 0:
             raise RuntimeError(f"grad-audit report exited {code}")
-        return write_png((plots / f"{run_dir.name}.png").read_bytes(), path)
+        png = Path("plots") / f"lightning_logs_{run_dir.name}.png"
+        return write_png(png.read_bytes(), path)
 
 
 # ---------------------------------------------------------------------------- the whole thing

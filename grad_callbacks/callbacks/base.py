@@ -110,6 +110,7 @@ class AuditCallback(pl.Callback):
         self.steps_checked = 0
         self._pending_scalars: dict[int, dict[str, float]] = {}
         self._text_dirty = False
+        self._text_written: frozenset[Any] | None = None  # the findings the table last showed
         self._report_written = False
         self._trainer: pl.Trainer | None = None
         self._is_leader = False
@@ -347,6 +348,7 @@ class AuditCallback(pl.Callback):
         self._state_key = self._compute_state_key()
         if stage == "fit":
             self._report_written = False
+            self._text_written = None
             self._held = None
             self._is_leader = self._owner is None and _first_audit_callback(trainer) is self
             sharded = sharded_strategy(trainer)
@@ -468,11 +470,19 @@ class AuditCallback(pl.Callback):
                     warn_finding(f)
 
     def _write_findings_text(self, trainer: pl.Trainer) -> None:
+        """Write the findings table when the findings differ from those it last showed (once
+        per change: a run whose findings did not change since step 1 shows one table)."""
         checks = audit_callbacks(trainer)
         writer = tb.tensorboard_writer(trainer)
         if writer is not None:
-            findings = [f for c in checks for f in c.findings]
-            tb.write_findings_text(writer, findings, step=trainer.global_step)
+            findings = sorted(
+                (f for c in checks for f in c.findings),
+                key=lambda f: (-SEVERITY_RANK[f.severity], f.step, f.code),
+            )
+            signature = tb.findings_signature(findings)
+            if signature != self._text_written:
+                self._text_written = signature
+                tb.write_findings_text(writer, findings, step=trainer.global_step)
         for c in checks:
             c._text_dirty = False
 

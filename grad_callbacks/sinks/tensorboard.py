@@ -42,23 +42,54 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def findings_markdown(findings: Iterable[Finding]) -> str:
-    """The findings as a markdown table (the Text tab renders markdown).
+def findings_markdown(findings: Iterable[Finding], step: int | None = None) -> str:
+    """The findings as markdown for TensorBoard's Text tab: a table of short columns, then each
+    finding's message in full, numbered as in the table.
+
+    The table holds only short cells (number, severity, code, check, first step, count), so that
+    at the Text tab's default width no column is squeezed into wrapping letter by letter; the
+    messages (what happened, where, the fix) follow as a numbered list, whole.
+
+    Args:
+        findings: the findings, in the order to show them.
+        step: the step the table is written at (counts are as of that step).
 
     Example:
         >>> findings_markdown([])
         'No findings.'
+        >>> from grad_callbacks.findings import make_finding
+        >>> f = make_finding("stale-grad", check="ZeroGradCheck", step=3, message="old grad")
+        >>> print(findings_markdown([f], step=3))
+        | # | severity | code | check | first step | count |
+        |---|---|---|---|---|---|
+        | 1 | warning | `stale-grad` | ZeroGradCheck | 3 | 1 |
+        <BLANKLINE>
+        1. **`stale-grad`** (ZeroGradCheck, step 3): old grad
+        <BLANKLINE>
+        Counts as of step 3; the run's grad_audit.json has the final ones.
     """
-    rows = [
-        f"| {f.severity} | `{f.code}` | {f.check} | {f.step} | {f.count} | "
-        f"{_cell(', '.join(f.params[:5]) + (' ...' if len(f.params) > 5 else ''))} | "
-        f"{_cell(f.message)} |"
-        for f in findings
-    ]
-    if not rows:
+    findings = list(findings)
+    if not findings:
         return "No findings."
-    head = "| severity | code | check | first step | count | parameters | message |\n"
-    return head + "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    rows = [
+        f"| {i} | {f.severity} | `{f.code}` | {f.check} | {f.step} | {f.count} |"
+        for i, f in enumerate(findings, 1)
+    ]
+    messages = [
+        f"{i}. **`{f.code}`** ({f.check}, step {f.step}): {_cell(f.message)}"
+        for i, f in enumerate(findings, 1)
+    ]
+    head = "| # | severity | code | check | first step | count |\n|---|---|---|---|---|---|\n"
+    text = head + "\n".join(rows) + "\n\n" + "\n".join(messages)
+    if step is not None:
+        text += f"\n\nCounts as of step {step}; the run's grad_audit.json has the final ones."
+    return text
+
+
+def findings_signature(findings: Iterable[Finding]) -> frozenset[tuple[str, str, tuple[str, ...]]]:
+    """What makes the findings table change: each finding's code, severity and parameters (not
+    its count, which grows at every step a bug repeats)."""
+    return frozenset((f.code, f.severity, tuple(f.params)) for f in findings)
 
 
 def text_summary(tag: str, text: str) -> Any:
@@ -87,7 +118,7 @@ def text_summary(tag: str, text: str) -> Any:
 
 def write_findings_text(writer: Any, findings: Iterable[Finding], step: int) -> None:
     """Write the findings table at :data:`FINDINGS_TAG`."""
-    summary = text_summary(FINDINGS_TAG, findings_markdown(findings))
+    summary = text_summary(FINDINGS_TAG, findings_markdown(findings, step=step))
     writer._get_file_writer().add_summary(summary, step)
     writer.flush()
 

@@ -45,11 +45,28 @@ def test_scalars_are_stamped_with_the_step_of_the_finding(broken_run: Any) -> No
 
 
 def test_findings_text_table(broken_run: Any) -> None:
-    logger, _ = broken_run
+    logger, audit = broken_run
     texts = _events(logger.log_dir).Tensors("grad_audit/findings")  # the contract's exact tag
     table = texts[-1].tensor_proto.string_val[0].decode()
-    assert table.startswith("| severity | code |")
-    assert "`missing-zero-grad`" in table and "| 6 |" in table  # count at the end of fit
+    assert table.startswith("| # | severity | code | check | first step | count |\n")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) - 1 == len(audit.findings)  # one row per finding under the header
+    assert rows[1].startswith("| 1 | error | `missing-zero-grad` | ZeroGradCheck | 1 |")
+    for i, finding in enumerate(sorted(audit.findings, key=lambda f: f.severity != "error"), 1):
+        assert f"{i}. **`{finding.code}`** ({finding.check}, step {finding.step}): " in table
+        assert finding.message.replace("|", "\\|") in table  # the message in full
+
+
+def test_findings_text_is_written_once_per_change_of_the_findings(broken_run: Any) -> None:
+    """Step 0 (per-sample skipped), step 1 (missing-zero-grad); the same set again at the end
+    of fit was written a second time."""
+    logger, audit = broken_run
+    texts = _events(logger.log_dir).Tensors("grad_audit/findings")
+    firsts = sorted({f.step for f in audit.findings})
+    assert firsts == [0, 1]
+    # written at the end of the batch that found them (global_step has moved on by one)
+    assert [t.step for t in texts] == [1, 2]
+    assert "Counts as of step 2" in texts[-1].tensor_proto.string_val[0].decode()
 
 
 def test_custom_scalars_layout(broken_run: Any) -> None:
