@@ -226,6 +226,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise
         print("grad-audit: the demo is not available in this installation", file=sys.stderr)
         return EXIT_USAGE
+    if args.steps is not None:
+        return int(run_demo(args.out, max_steps=args.steps))
     return int(run_demo(args.out))
 
 
@@ -301,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--out", default=DEFAULT_DEMO_DIR, help=f"output directory (default {DEFAULT_DEMO_DIR})"
+    )
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per run (default: two epochs, 32 or 64 steps)",
     )
     demo.set_defaults(func=cmd_demo)
 

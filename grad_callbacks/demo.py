@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,18 +144,33 @@ RUNS = (
 )
 
 
-def train_run(run: DemoRun, out_dir: Path, max_epochs: int = 2) -> list[Finding]:
-    """Train one demo run with the audit attached; returns its findings."""
+def train_run(
+    run: DemoRun,
+    out_dir: Path,
+    max_epochs: int = 2,
+    max_steps: int = -1,
+    name: str | None = None,
+) -> list[Finding]:
+    """Train one demo run with the audit attached; returns its findings.
+
+    Args:
+        run: the run.
+        out_dir: the directory of the runs' logs.
+        max_epochs: epochs to train (ignored when ``max_steps`` is given).
+        max_steps: optimizer steps to train, over as many epochs as it takes (-1: by epochs).
+        name: the run's log directory under ``out_dir`` (default: ``run.name``).
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
 
     torch.manual_seed(0)
     module, data = run.build()
     audit = GradientAudit(on_finding="log")
     trainer = L.Trainer(
-        max_epochs=max_epochs,
+        max_epochs=-1 if max_steps > 0 else max_epochs,
+        max_steps=max_steps,
         accelerator="auto",
         devices=1,
-        logger=TensorBoardLogger(out_dir, name=run.name, version=""),
+        logger=TensorBoardLogger(out_dir, name=name or run.name, version=""),
         callbacks=[audit],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -169,31 +185,78 @@ def train_run(run: DemoRun, out_dir: Path, max_epochs: int = 2) -> list[Finding]
     return audit.findings
 
 
-def run_demo(out_dir: str = "grad_audit_demo") -> int:
-    """Run every demo run, print the audits, and say how to open them.
+def run_directory(index: int, run: DemoRun) -> str:
+    """The log directory of the ``index``-th run (from 1): numbered, so that TensorBoard and
+    ``grad-audit report`` list the runs in the order they trained."""
+    return f"{index}_{run.name}"
+
+
+def summarize(findings: list[Finding], expected: str | None) -> tuple[bool, list[str]]:
+    """Whether a run's audit is what the demo expects, and the lines that say so.
+
+    Every finding is named, info ones included, so that the summary and the report's table
+    agree (a ``check-skipped`` row is in both).
+
+    Example:
+        >>> summarize([], None)
+        (True, ['  warnings and errors: none -> as expected'])
+    """
+    alarms = sorted({f.code for f in findings if f.severity != "info"})
+    wanted = [expected] if expected else []
+    ok = alarms == wanted
+    verdict = "as expected" if ok else f"UNEXPECTED (wanted {wanted or 'none'})"
+    lines = [f"  warnings and errors: {', '.join(alarms) or 'none'} -> {verdict}"]
+    for f in findings:
+        if f.severity == "info":
+            reason = f.data.get("reason") if f.code == "check-skipped" else None
+            lines.append(f"  info: {f.code} ({f.check}){': ' + reason if reason else ''}")
+    return ok, lines
+
+
+def run_demo(out_dir: str = "grad_audit_demo", max_steps: int = -1) -> int:
+    """Run every demo run, print the audits in training order, and say how to open them.
+
+    The runs train in the order of :data:`RUNS`: each planted bug, then its fix. Their log
+    directories are numbered in that order, and their reports are printed in it.
+
+    Args:
+        out_dir: where the runs' logs go.
+        max_steps: optimizer steps per run (-1: two epochs, 32 steps for the regressor and 64
+            for the GAN, which steps two optimizers per batch).
 
     Returns:
         0 when each planted bug was found and each fixed run has no warning or error finding,
         1 otherwise.
     """
-    from grad_callbacks.cli import main as cli_main
+    from grad_callbacks.cli import load_runs
+    from grad_callbacks.render import render_text
 
     out = Path(out_dir).resolve()
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for logger_name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(logger_name).setLevel(logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"grad-audit demo: {len(RUNS)} small runs on {device}, logs under {out}\n")
+    length = f"{max_steps} steps each" if max_steps > 0 else "two epochs each"
+    print(
+        f"grad-audit demo: {len(RUNS)} small runs on {device} ({length}), logs under {out}\n"
+        "Each planted bug is followed by its fix; runs train, and are reported, in this order.\n"
+    )
     ok = True
-    for run in RUNS:
-        print(f"- training {run.name}: {run.description}")
-        findings = train_run(run, out)
-        alarms = {f.code for f in findings if f.severity != "info"}
-        expected = {run.expected} if run.expected else set()
-        verdict = "as expected" if alarms == expected else f"UNEXPECTED (wanted {expected})"
-        ok = ok and alarms == expected
-        print(f"  findings: {sorted(alarms) or 'none'} -> {verdict}")
+    names = []
+    for i, run in enumerate(RUNS, 1):
+        names.append(run_directory(i, run))
+        print(f"{i}. training {names[-1]}: {run.description}")
+        findings = train_run(run, out, max_steps=max_steps, name=names[-1])
+        run_ok, lines = summarize(findings, run.expected)
+        ok = ok and run_ok
+        print("\n".join(lines))
     print()
-    cli_main(["report", str(out)])
+    loaded = []
+    for name in names:
+        runs, errors = load_runs(out / name)
+        loaded += runs
+        for message in errors:
+            print(f"grad-audit: {message}")
+    render_text(loaded, sys.stdout)
     print(
         "\nOpen the audit in TensorBoard:  tensorboard --logdir "
         f"{out}\nRead it again or fail a CI job: grad-audit report {out} --fail-on error"
