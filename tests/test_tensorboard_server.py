@@ -8,10 +8,17 @@ queried, as the web UI does:
 * ``/data/plugin/custom_scalars/layout``: the "Gradient audit" category;
 * ``/data/plugin/text/text?run=RUN&tag=grad_audit/findings``: the findings table, under exactly
   the tag the contract names (torch's ``add_text`` would have appended ``/text_summary``).
+
+A run of the demo is loaded the same way, with the data of each chart of the custom-scalars
+layout (``/data/plugin/custom_scalars/scalars?run=RUN&tag=REGEX``): every chart of a check that
+checked more than one step must be a line. The server listens on 127.0.0.1 only; the test is
+skipped where ``tensorboard`` is not installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import socket
 import subprocess
@@ -20,6 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +100,9 @@ def _wait_until_loaded(
     )
 
 
-def test_tensorboard_serves_the_audit_of_a_broken_run(tmp_path: Path) -> None:
-    logdir = tmp_path / "logs"
-    audit, run = _train_broken_run(logdir)
-    assert "missing-zero-grad" in {f.code for f in audit.findings}
-
+@contextlib.contextmanager
+def _tensorboard(logdir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A TensorBoard server on 127.0.0.1 over ``logdir``; its stderr goes to tmp_path."""
     port = _free_port()
     stderr_path = tmp_path / "tensorboard.stderr"
     with open(stderr_path, "wb") as stderr:
@@ -113,6 +119,23 @@ def test_tensorboard_serves_the_audit_of_a_broken_run(tmp_path: Path) -> None:
             stderr=stderr,
         )
     try:
+        yield server, port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def test_tensorboard_serves_the_audit_of_a_broken_run(tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    audit, run = _train_broken_run(logdir)
+    assert "missing-zero-grad" in {f.code for f in audit.findings}
+
+    with _tensorboard(logdir, tmp_path) as (server, port):
+        stderr_path = tmp_path / "tensorboard.stderr"
         scalar_tags, findings_tag = _wait_until_loaded(server, port, run, stderr_path)
 
         # the routes the UI uses exist in this TensorBoard and list our run and plugins
@@ -136,10 +159,60 @@ def test_tensorboard_serves_the_audit_of_a_broken_run(tmp_path: Path) -> None:
         assert entries, "no findings text"
         assert any("missing-zero-grad" in e["text"] for e in entries), entries
         assert all(isinstance(e["step"], int) for e in entries)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+
+
+#: Charts of the layout that are not one check's, and the check whose steps they follow.
+CHART_CHECKS = {"Gradient norms": "GradientMonitor", "Update / weight": "GradientMonitor"}
+DEMO_STEPS = 60
+
+
+def test_every_panel_of_a_demo_run_is_a_line_and_the_table_has_a_row_per_finding(
+    tmp_path: Path,
+) -> None:
+    """The demo's first run (manual optimization without zero_grad), 60 steps, as the browser
+    loads it: every custom-scalars chart of a check that checked more than one step has at
+    least two points (ZeroGradCheck's and GradientSanityCheck's were one point at step 0 under
+    watch windows), a check that ran once has its one point; the findings table has one row per
+    finding of the report, once."""
+    from grad_callbacks import demo
+    from grad_callbacks.sinks.report import REPORT_NAME, load_report
+
+    logdir = tmp_path / "logs"
+    run = "1_manual_forgets_zero_grad"
+    demo.train_run(demo.RUNS[0], logdir, max_steps=DEMO_STEPS, name=run)
+    report = load_report(logdir / run / REPORT_NAME)
+    steps_checked = {c["name"]: c["steps_checked"] for c in report["checks"]}
+
+    with _tensorboard(logdir, tmp_path) as (server, port):
+        _wait_until_loaded(server, port, run, tmp_path / "tensorboard.stderr")
+        layout = _get(port, "/data/plugin/custom_scalars/layout")
+        (category,) = [c for c in layout["category"] if c["title"] == "Gradient audit"]
+        points: dict[str, int] = {}
+        for chart in category["chart"]:
+            (regex,) = chart["multiline"]["tag"]
+            data = _get(port, "/data/plugin/custom_scalars/scalars", run=run, tag=regex)
+            assert data["regex_valid"], chart
+            series = data["tag_to_events"]
+            assert series, f"chart {chart['title']!r} ({regex}) has no data"
+            points[chart["title"]] = min(len(events) for events in series.values())
+        assert set(points) == {
+            "ZeroGradCheck", "PerSampleGradientCheck", "BatchMixingCheck", "GradientSanityCheck",
+            "Gradient norms", "Update / weight", "Audit overhead",
+        }
+        for title, n in points.items():
+            checked = steps_checked.get(CHART_CHECKS.get(title, title), DEMO_STEPS)
+            if checked > 1:
+                assert n >= 2, f"chart {title!r}: {n} point(s) for {checked} steps checked"
+            else:
+                assert n == 1, (title, n)
+
+        entries = _get(port, "/data/plugin/text/text", run=run, tag=FINDINGS_TAG)
+        html = entries[-1]["text"]  # the markdown, rendered inside the plugin's own table
+        table = html[html.index("<th>#</th>") :]
+        body = table[table.index("<tbody>") : table.index("</tbody>")]
+        assert body.count("<tr>") == len(report["findings"]) >= 1
+        for finding in report["findings"]:
+            assert f"<code>{finding['code']}</code>" in body
+        # written once per change of the findings: no two tables in a row are the same
+        texts = [e["text"] for e in entries]
+        assert all(a != b for a, b in itertools.pairwise(texts)), texts
