@@ -9,11 +9,12 @@ Trains three small runs on CPU into one TensorBoard log directory, each with
   planted bug: ``reduction-sum``);
 * ``fixed``: the demo's regressor with ``opt.zero_grad()`` and a mean loss.
 
-Then it reads the event files back with TensorBoard's own reader (``EventAccumulator``: the
-scalars, the custom-scalars layout, the findings text and the histograms) and draws PNGs with
-matplotlib (an Agg canvas, no pyplot). No browser is involved: these are matplotlib renderings of
-the data TensorBoard would show, grouped the way its tabs group them. The last figure is what
-``grad-audit report RUN --plot DIR`` writes for the broken run.
+Then it reads the event files back with TensorBoard's own reader (``EventAccumulator``: the tags
+each run wrote, which the tests compare with the tags table of docs/reports.md) and writes what
+``grad-audit report RUN --plot DIR`` draws for the broken run. The pictures of TensorBoard itself
+are screenshots of a real browser: ``docs/make_screenshots.py`` trains the same runs (with
+:func:`train`), serves them with ``tensorboard`` on 127.0.0.1 and shoots them with headless
+Chromium.
 
 The runs are seeded and deterministic on CPU (one intra-op thread, no overhead budget, so every
 check runs at fixed steps): regenerating the figures on the same versions gives the same images.
@@ -32,17 +33,15 @@ import argparse
 import contextlib
 import io
 import logging
-import re
 import shutil
 import sys
 import tempfile
-import textwrap
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # Draw with this checkout's package, whatever else is installed.
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,14 +63,9 @@ from grad_callbacks import (  # noqa: E402
     ZeroGradCheck,
 )
 from grad_callbacks.demo import RUNS, ManualRegressor  # noqa: E402
-from grad_callbacks.plots import draw_marker, finding_markers  # noqa: E402
 from grad_callbacks.sinks.events import read_audit_scalars  # noqa: E402
 from grad_callbacks.sinks.report import find_reports, load_report  # noqa: E402
 from grad_callbacks.sinks.tensorboard import FINDINGS_TAG, LAYOUT_TITLE  # noqa: E402
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 #: Where the figures go, relative to ``--out``: the page links ``img/tensorboard/<name>.png``.
 SUBDIR = "tensorboard"
@@ -91,9 +85,6 @@ LOG_EVERY = 5
 SEED = 0
 #: The tag of the custom-scalars layout (what ``SummaryWriter.add_custom_scalars`` writes).
 LAYOUT_TAG = "custom_scalars__config__"
-#: Percentiles of TensorBoard's Distributions tab, in basis points.
-_BANDS = ((0, 10000), (668, 9332), (1587, 8413), (3085, 6915))
-DPI = 100
 
 
 # ---------------------------------------------------------------------------- the runs
@@ -278,44 +269,6 @@ def read_run(run_dir: Path) -> RunData:
 
 
 # ---------------------------------------------------------------------------- drawing
-def _figure(
-    width: float,
-    height: float,
-    *,
-    left: float = 0.55,
-    right: float = 0.2,
-    top: float = 0.7,
-    bottom: float = 0.5,
-    wspace: float = 0.22,
-    hspace: float = 0.5,
-) -> Figure:
-    """A figure on an Agg canvas (no pyplot), margins in inches.
-
-    Fixed margins rather than a layout engine: constrained layout would triple the drawing
-    time of these many-panel figures.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global state
-    fig.subplots_adjust(
-        left=left / width,
-        right=1 - right / width,
-        top=1 - top / height,
-        bottom=bottom / height,
-        wspace=wspace,
-        hspace=hspace,
-    )
-    return fig
-
-
-def _save(fig: Figure, path: Path, title: str) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Title": title})
-    return write_png(buffer.getvalue(), path)
-
-
 def write_png(data: bytes, path: Path) -> Path:
     """Write PNG ``data`` to ``path`` with a 256-colour palette (a third of the size, or less).
 
@@ -332,258 +285,6 @@ def write_png(data: bytes, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     palette.save(path, format="PNG", pnginfo=info)
     return path
-
-
-def _style(ax: Axes, title: str) -> None:
-    ax.set_title(title, fontsize=9, loc="left")
-    ax.grid(alpha=0.3)
-    ax.tick_params(labelsize=7)
-
-
-def _mark_findings(ax: Axes, findings: Sequence[Finding], label: bool) -> None:
-    """The dashed lines of ``grad-audit report --plot``: warning and error findings."""
-    for m in finding_markers(findings):
-        draw_marker(ax, m, annotate=label)
-
-
-def draw_custom_scalars(run: RunData, path: Path) -> Path:
-    """The "Gradient audit" layout of one run: one multiline chart per chart of the layout.
-
-    Every tag that one of a chart's regexes matches (``re.match``, as TensorBoard's
-    custom-scalars plugin matches them) is a line of the chart: the Custom Scalars tab with that
-    one run selected. Warning and error findings are marked as ``grad-audit report --plot``
-    marks them (TensorBoard draws no such lines).
-    """
-    charts = [
-        (title, [t for t in run.scalars if any(re.match(rx, t) for rx in regexes)])
-        for title, regexes in run.layout.items()
-    ]
-    charts = [(title, tags) for title, tags in charts if tags]
-    last_step = max(step for points in run.scalars.values() for step, _ in points)
-    ncols = 3
-    nrows = -(-len(charts) // ncols)
-    fig = _figure(14, 3.0 * nrows + 0.6, hspace=0.35)
-    grid = fig.subplots(nrows, ncols, squeeze=False)
-    axes = [ax for row in grid for ax in row]
-    for ax in axes[len(charts) :]:
-        ax.set_visible(False)
-    for ax, (title, tags) in zip(axes, charts, strict=False):
-        prefix = _common_prefix(tags)
-        for tag in tags:
-            steps, values = zip(*run.scalars[tag], strict=True)
-            ax.plot(steps, values, marker=".", lw=1.2, label=tag.removeprefix(prefix))
-        _mark_findings(ax, run.findings, label=True)
-        _style(ax, title)
-        ax.set_xlim(-0.03 * last_step, 1.03 * last_step)
-        ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=6.5, loc="best", title=prefix, title_fontsize=6.5)
-    fig.suptitle(f'Custom Scalars, "{LAYOUT_TITLE}" layout: run {run.name}', fontsize=11)
-    return _save(fig, path, "custom scalars")
-
-
-def _common_prefix(tags: Sequence[str]) -> str:
-    """The longest ``/``-ended prefix of every tag (the legend's title)."""
-    head = tags[0].rsplit("/", 1)[0] + "/"
-    while not all(t.startswith(head) for t in tags):
-        head = head[:-1].rsplit("/", 1)[0] + "/"
-    return head
-
-
-#: Reference lines of the comparison panels: tag -> [(y, label), ...], and y-axis limits.
-REFERENCE_LINES: dict[str, list[tuple[float, str]]] = {
-    "grad_audit/per_sample/scale": [(1.0, "mean: c = 1"), (32.0, "sum: c = n = 32")],
-    "grad_audit/per_sample/residual": [(1e-3, "batch-coupling above 1e-3 (float32)")],
-    "grad_audit/per_sample/cosine": [(1.0, "aligned")],
-    "grad_audit/per_sample/optimizer_grad_error": [(1e-4, "grad-mismatch above 1e-4")],
-    "grad_audit/per_sample/noise_scale": [(32.0, "n = 32: levels off here")],
-}
-Y_LIMITS: dict[str, tuple[float, float]] = {
-    "grad_audit/per_sample/scale": (0.0, 36.0),
-    "grad_audit/per_sample/residual": (0.0, 1.5e-3),
-    "grad_audit/per_sample/cosine": (0.0, 1.1),
-    "grad_audit/per_sample/optimizer_grad_error": (0.0, 1.5e-4),
-}
-
-
-def draw_comparison(
-    runs: Sequence[RunData],
-    tags: Sequence[str],
-    path: Path,
-    title: str,
-    ncols: int,
-    log_tags: Sequence[str] = (),
-) -> Path:
-    """One panel per tag, one line per run (the Scalars tab with several runs selected).
-
-    Panels get the dashed reference lines of :data:`REFERENCE_LINES` (thresholds and expected
-    values from the checks' documentation) and the y limits of :data:`Y_LIMITS`.
-    """
-    nrows = -(-len(tags) // ncols)
-    fig = _figure(3.6 * ncols + 1.8, 2.3 * nrows + 0.7, right=1.8, hspace=0.3)
-    grid = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
-    axes = [ax for row in grid for ax in row]
-    for ax in axes[len(tags) :]:
-        ax.set_visible(False)
-    for ax, tag in zip(axes, tags, strict=False):
-        for run in runs:
-            if tag in run.scalars:
-                steps, values = zip(*run.scalars[tag], strict=True)
-                ax.plot(steps, values, color=RUN_COLORS[run.name], marker=".", lw=1.2)
-        for y, label in REFERENCE_LINES.get(tag, []):
-            ax.axhline(y, color="0.45", linestyle="--", linewidth=0.8)
-            ax.annotate(
-                label,
-                xy=(0.01, y),
-                xycoords=("axes fraction", "data"),
-                xytext=(0, 2),
-                textcoords="offset points",
-                fontsize=6.5,
-                color="0.3",
-            )
-        if tag in log_tags:
-            ax.set_yscale("log")
-        else:
-            ax.ticklabel_format(axis="y", useOffset=False)
-        if tag in Y_LIMITS:
-            ax.set_ylim(*Y_LIMITS[tag])
-        _style(ax, tag)
-    for c in range(ncols):  # step labels under the lowest panel of each column
-        lowest = [grid[r, c] for r in range(nrows) if grid[r, c].get_visible()][-1]
-        lowest.set_xlabel("step", fontsize=8)
-        lowest.xaxis.set_tick_params(labelbottom=True)
-    _run_legend(fig, runs)
-    fig.suptitle(title, fontsize=11)
-    return _save(fig, path, title)
-
-
-def _run_legend(fig: Figure, runs: Sequence[RunData]) -> None:
-    from matplotlib.lines import Line2D
-
-    handles = [
-        Line2D([], [], color=RUN_COLORS[r.name], marker=".", lw=1.2, label=r.name) for r in runs
-    ]
-    fig.legend(handles=handles, loc="upper right", fontsize=8, title="run")
-
-
-def _markdown_rows(text: str) -> list[list[str]]:
-    """The cells of a markdown table (header first), without the code marks."""
-    return [
-        [cell.strip().replace("\\|", "|").strip("`") for cell in line.strip("|").split(" | ")]
-        for line in text.splitlines()
-        if line.startswith("|") and not line.startswith("|---")
-    ]
-
-
-def draw_findings_text(runs: Sequence[RunData], path: Path) -> Path:
-    """The Text tab: the markdown table at ``grad_audit/findings`` of each run, as a table.
-
-    TensorBoard renders the markdown as an HTML table, one card per run; here each run's table
-    is a matplotlib table, long cells wrapped.
-    """
-    widths = [8, 18, 22, 6, 6, 26, 90]  # characters per column (severity ... message)
-    line_h, title_h, gap, width = 0.16, 0.3, 0.25, 14.0
-    blocks = []
-    for run in runs:
-        rows = [
-            [textwrap.fill(cell, width=w) for cell, w in zip(row, widths, strict=False)]
-            for row in _markdown_rows(run.findings_text)
-        ]
-        lines = [max(c.count("\n") + 1 for c in row) + 1 for row in rows]  # +1: padding
-        blocks.append((run, rows, lines, line_h * max(sum(lines), 2)))
-    height = 0.6 + sum(title_h + h + gap for *_, h in blocks)
-    fig = _figure(width, height)
-    fig.suptitle(f"Text tab: {FINDINGS_TAG} at the last step of each run", fontsize=11)
-    y = height - 0.6  # inches from the bottom, going down
-    for run, rows, lines, table_h in blocks:
-        fig.text(
-            0.1 / width,
-            (y - title_h / 2) / height,
-            f"{FINDINGS_TAG}   run {run.name}",
-            fontsize=9,
-            va="center",
-            color=RUN_COLORS[run.name],
-        )
-        y -= title_h + table_h
-        ax = fig.add_axes((0.1 / width, y / height, 1 - 0.2 / width, table_h / height))
-        ax.set_axis_off()
-        y -= gap
-        if not rows:
-            ax.text(0.0, 0.5, run.findings_text or "(no text)", fontsize=8, va="center")
-            continue
-        table = ax.table(
-            cellText=rows[1:],
-            colLabels=rows[0],
-            colWidths=[w / sum(widths) for w in widths],
-            cellLoc="left",
-            bbox=(0, 0, 1, 1),
-        )
-        table.auto_set_font_size(False)
-        table.set_fontsize(7)
-        for (r, c), cell in table.get_celld().items():
-            cell.PAD = 0.7 / widths[c]  # a character or so (PAD is a share of the cell's width)
-            cell.set_height(lines[r] / sum(lines))
-            cell.set_edgecolor("0.8")
-            if r == 0:
-                cell.set_text_props(weight="bold")
-                cell.set_facecolor("0.94")
-    return _save(fig, path, "findings text")
-
-
-def _tint(color: str, amount: float) -> tuple[float, float, float]:
-    """``color`` mixed with white: 0 is white, 1 the colour itself (opaque, no alpha seams)."""
-    from matplotlib.colors import to_rgb
-
-    return tuple(1 - amount * (1 - c) for c in to_rgb(color))  # type: ignore[return-value]
-
-
-def draw_histograms(runs: Sequence[RunData], tag: str, path: Path) -> Path:
-    """Distributions (percentile bands over steps) and Histograms (one curve per step).
-
-    The Distributions panels draw what TensorBoard's reader computes for that tab (the
-    compressed histograms: min, 6.7%, 15.9%, 30.9%, median, ... max). In the Histograms panels
-    each step's curve is the bucket counts over bucket width, scaled to its own peak, later
-    steps lower (TensorBoard's "offset" mode).
-    """
-    fig = _figure(12, 3.0 * len(runs) + 0.7, left=0.7, wspace=0.18, hspace=0.45)
-    grid = fig.subplots(len(runs), 2, squeeze=False)
-    for (dist_ax, hist_ax), run in zip(grid, runs, strict=True):
-        color = RUN_COLORS[run.name]
-        dist = run.distributions.get(tag, [])
-        steps = [s for s, _ in dist]
-        for i, (lo, hi) in enumerate(_BANDS):
-            dist_ax.fill_between(
-                steps,
-                [v[lo] for _, v in dist],
-                [v[hi] for _, v in dist],
-                color=_tint(color, 0.18 + 0.2 * i),
-                lw=0,
-            )
-        dist_ax.plot(steps, [v[5000] for _, v in dist], color=color, lw=1.0)
-        _style(dist_ax, f"Distributions: {tag}  (run {run.name})")
-        dist_ax.set_xlabel("step", fontsize=8)
-        dist_ax.set_ylabel("gradient value", fontsize=8)
-
-        series = run.histograms.get(tag, [])
-        spacing = (series[-1][0] - series[0][0]) / max(len(series) - 1, 1) or 1.0
-        for k, (step, left, right, counts) in enumerate(series):
-            centers = [(a + b) / 2 for a, b in zip(left, right, strict=True)]
-            density = [c / max(b - a, 1e-30) for a, b, c in zip(left, right, counts, strict=True)]
-            peak = max(density) or 1.0
-            top = [step - 2.0 * spacing * d / peak for d in density]
-            hist_ax.fill_between(centers, step, top, color=_tint(color, 0.12), lw=0, zorder=k)
-            hist_ax.plot(
-                centers,
-                top,
-                color=_tint(color, 0.35 + 0.65 * (k + 1) / len(series)),
-                lw=0.8,
-                zorder=k,
-            )
-        hist_ax.invert_yaxis()
-        _style(hist_ax, f"Histograms (offset): {tag}  (run {run.name})")
-        hist_ax.set_xlabel("gradient value", fontsize=8)
-        hist_ax.set_ylabel("step", fontsize=8)
-    fig.suptitle("GradientMonitor histograms (first layer)", fontsize=11)
-    return _save(fig, path, "histograms")
 
 
 def draw_report_plot(run_dir: Path, path: Path) -> Path:
@@ -625,33 +326,6 @@ class Result:
     seconds: dict[str, float]
 
 
-PER_SAMPLE_TAGS = [
-    f"grad_audit/per_sample/{m}"
-    for m in (
-        "scale",
-        "residual",
-        "cosine",
-        "optimizer_grad_error",
-        "noise_scale",
-        "norm_median",
-        "norm_p90",
-        "norm_max",
-        "samples",
-    )
-]
-MONITOR_TAGS = [
-    f"grad_audit/monitor/{m}"
-    for m in (
-        "grad_norm/total",
-        "grad_norm/net.0",
-        "grad_norm/net.2",
-        "update_ratio/net.0",
-        "update_ratio/net.2",
-    )
-]
-HIST_TAG = "grad_audit/monitor/grad_hist/net.0"
-
-
 def generate(out: Path, quick: bool = False, log_dir: Path | None = None) -> Result:
     """Train the runs and write every figure into ``out/tensorboard/``.
 
@@ -668,28 +342,7 @@ def generate(out: Path, quick: bool = False, log_dir: Path | None = None) -> Res
         dirs = train(log_dir, epochs=1 if quick else 5)
         trained = time.perf_counter()
         runs = {name: read_run(d) for name, d in dirs.items()}
-        broken, summed, fixed = runs[BROKEN], runs["summed_loss"], runs["fixed"]
-        images = [
-            draw_custom_scalars(broken, target / "custom-scalars.png"),
-            draw_comparison(
-                [summed, fixed],
-                PER_SAMPLE_TAGS,
-                target / "per-sample.png",
-                "PerSampleGradientCheck: summed_loss against fixed",
-                ncols=3,
-            ),
-            draw_comparison(
-                [broken, summed, fixed],
-                MONITOR_TAGS,
-                target / "monitor.png",
-                "GradientMonitor: gradient norms and update/weight ratios (log scale)",
-                ncols=3,
-                log_tags=MONITOR_TAGS,
-            ),
-            draw_findings_text([broken, summed, fixed], target / "findings-text.png"),
-            draw_histograms([broken, fixed], HIST_TAG, target / "histograms.png"),
-            draw_report_plot(dirs[BROKEN], target / "report-plot.png"),
-        ]
+        images = [draw_report_plot(dirs[BROKEN], target / "report-plot.png")]
         drawn = time.perf_counter()
         tags: dict[str, set[str]] = {}
         for run in runs.values():

@@ -1,10 +1,12 @@
-"""The TensorBoard guide's figures: made by docs/make_figures.py, committed, and all shown.
+"""The TensorBoard guide's figures: made by docs/make_figures.py (the ``--plot`` figure) and
+docs/make_screenshots.py (TensorBoard in headless Chromium), committed, and all shown.
 
 The figure script runs once (``--quick``: one epoch per run) into a temporary directory. Every
-PNG that docs/tensorboard.md shows must be one the script writes and one committed under
-docs/img/tensorboard/, and the three sets must agree (no figure the page forgot, no stale
-image). The runs' tags must all be in the tags table of docs/reports.md, which the guide links
-to instead of repeating it.
+PNG that docs/tensorboard.md shows must be one the scripts write and one committed under
+docs/img/tensorboard/, and the sets must agree (no figure the page forgot, no stale image). The
+screenshot script needs a browser: its list of shots is checked here, and it runs (slow test)
+where Chromium is installed. The runs' tags must all be in the tags table of docs/reports.md,
+which the guide links to instead of repeating it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_BYTES = 8 * 1024
 MAX_BYTES = 200 * 1024
 MIN_SIDE_PX = 400
+
+
+def _shots() -> set[str]:
+    """The screenshots docs/make_screenshots.py takes, relative to docs/img/."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        script = runpy.run_path(str(DOCS / "make_screenshots.py"))
+    finally:
+        sys.path.remove(str(DOCS))
+    return {f"tensorboard/{shot.name}.png" for shot in script["SHOTS"]}
 
 
 def _referenced() -> list[str]:
@@ -82,9 +94,11 @@ def test_the_guide_shows_figures() -> None:
 def test_every_figure_shown_is_generated_and_committed(generated: dict[str, Any]) -> None:
     out: Path = generated["out"]
     written = {p.relative_to(out).as_posix() for p in generated["result"].images}
+    shots = _shots()
     for ref in _referenced():
-        assert ref in written, f"docs/tensorboard.md shows {ref}: make_figures.py does not make it"
-        _check_png(out / ref)
+        assert ref in written | shots, f"docs/tensorboard.md shows {ref}: no script makes it"
+        if ref in written:
+            _check_png(out / ref)
         assert (COMMITTED.parent / ref).is_file(), f"docs/img/{ref} is not committed"
         _check_png(COMMITTED.parent / ref)
 
@@ -92,7 +106,7 @@ def test_every_figure_shown_is_generated_and_committed(generated: dict[str, Any]
 def test_no_figure_unshown_or_stale(generated: dict[str, Any]) -> None:
     out: Path = generated["out"]
     refs = set(_referenced())
-    written = {p.relative_to(out).as_posix() for p in generated["result"].images}
+    written = {p.relative_to(out).as_posix() for p in generated["result"].images} | _shots()
     committed = {f"tensorboard/{p.name}" for p in COMMITTED.iterdir()}
     assert written == refs, f"made, not shown: {written - refs}; shown, not made: {refs - written}"
     assert committed == refs, (
@@ -132,3 +146,22 @@ def test_the_script_leaves_the_process_as_it_found_it(generated: dict[str, Any])
     assert generated["rc_kept"], "matplotlib's rcParams were changed"
     assert generated["threads_kept"], "torch's thread count was not restored"
     assert generated["rng_kept"], "torch's global random state was changed"
+
+
+@pytest.mark.slow
+def test_the_screenshot_script_photographs_every_shot(tmp_path: Path) -> None:
+    """docs/make_screenshots.py end to end: tensorboard on 127.0.0.1, headless Chromium."""
+    import shutil
+
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no Chromium installed (apt-get install chromium)")
+    pytest.importorskip("tensorboard")
+    sys.path.insert(0, str(DOCS))
+    try:
+        script = runpy.run_path(str(DOCS / "make_screenshots.py"))
+    finally:
+        sys.path.remove(str(DOCS))
+    images = script["generate"](tmp_path)
+    assert {p.relative_to(tmp_path).as_posix() for p in images} == _shots()
+    for image in images:
+        _check_png(image)
