@@ -31,11 +31,30 @@ all of them:
   (:func:`~grad_callbacks.core.per_sample.run_eagerly`): the recomputation never recompiles,
   replaces or warms up the training graph.
 
-Python attributes the user's ``training_step`` changes by itself (a counter, say) cannot be
-restored in general: keep ``training_step`` free of such side effects. Nor are writes to ``.grad``
-that bypass autograd and the optimizers (``torch.nn.utils.clip_grad_norm_`` called directly
-instead of ``self.clip_gradients``, ``p.grad.zero_()``, a submodule's ``zero_grad()``) or steps
-through a bound method kept from before (``self.step = opt.step``) intercepted: the
+* the module's Python state is put back
+  (:class:`~grad_callbacks.core.python_state.PythonState`): attributes that ``training_step``
+  rebinds, creates or deletes on the module and its submodules (a carried hidden state, a
+  counter, a cache, one created on the instance over a class attribute), attributes of the
+  user's own module classes, the globals and closure cells of ``training_step`` and
+  ``forward``; plain lists, dicts, sets and deques they hold are put back in place (shallow,
+  one level: their items are copied before and written back only when they changed), plain
+  tensors they hold are put back when written in place (their version counter moved);
+* what the block prints is swallowed: ``sys.stdout`` / ``sys.stderr`` are redirected, Python
+  ``logging`` is disabled and warnings are ignored for the block (in every thread: the block
+  is short);
+* with ``state=`` (a :class:`~grad_callbacks.core.python_state.PythonState` captured before
+  the real step), the block starts from that state (a faithful replay of a step that carries
+  state), and the state at entry is put back afterwards.
+
+What is not undone: effects outside the module and the functions' own globals (a file written,
+a socket, another module's global, an object of another class mutated inside, a container
+nested deeper than one level), which :class:`Recomputations` counts runs of so that the report
+can say how many there were. Changes the picture saw but could not undo (a container too large
+to copy resized, a large tensor written in place) are returned in :attr:`Recomputations.lost`;
+the checks then report ``check-skipped`` naming them and stop recomputing. Nor are writes to
+``.grad`` that bypass autograd and the optimizers (``torch.nn.utils.clip_grad_norm_`` called
+directly instead of ``self.clip_gradients``, ``p.grad.zero_()``, a submodule's ``zero_grad()``)
+or steps through a bound method kept from before (``self.step = opt.step``) intercepted: the
 recomputation would run them on the live gradients and optimizers.
 (A ``per_sample_loss`` spares the per-sample passes, but the batch gradient and the
 ``grad-mismatch`` replay still run ``training_step``.)
@@ -54,17 +73,21 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import io
+import logging
 import random
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from grad_callbacks.core.per_sample import run_eagerly
+from grad_callbacks.core.python_state import PythonState
 from grad_callbacks.core.state import restored_state
 
 _METRIC_ATTRS = ("_update_count", "_computed", "_forward_cache", "_update_called")
@@ -433,9 +456,76 @@ def _forked_host_rng() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+@dataclass
+class Recomputations:
+    """A check's count of the times it ran the user's code again (for its report), and the
+    changes they made that could not be undone.
+
+    Example:
+        >>> record = Recomputations()
+        >>> with isolated(nn.Linear(2, 2), record=record):
+        ...     pass
+        >>> record.count, record.lost
+        (1, [])
+    """
+
+    count: int = 0
+    lost: list[str] = field(default_factory=list)
+
+
+def step_functions(module: nn.Module) -> list[Any]:
+    """The functions whose globals and closures a recomputation watches."""
+    return [f for f in (getattr(module, n, None) for n in ("training_step", "forward")) if f]
+
+
+def capture_state(module: nn.Module) -> PythonState:
+    """The module's Python state now (see :class:`PythonState`), e.g. before a real step."""
+    return PythonState.capture(module, step_functions(module))
+
+
+class _Discard(io.TextIOBase):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Swallow what the block prints, logs and warns."""
+    previous = logging.root.manager.disable
+    sink = _Discard()
+    logging.disable(logging.CRITICAL)
+    try:
+        with redirect_stdout(sink), redirect_stderr(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+@contextmanager
+def _python_state_kept(
+    module: nn.Module, start: PythonState | None, record: Recomputations | None
+) -> Iterator[None]:
+    entry = capture_state(module)
+    lost: list[str] = []
+    try:
+        if start is not None:
+            lost += start.restore()
+        yield
+    finally:
+        lost += entry.restore()
+        if record is not None:
+            record.lost.extend(x for x in lost if x not in record.lost)
+
+
 @contextmanager
 def isolated(
-    module: nn.Module, rng_state: RngState | None = None, trainer: Any | None = None
+    module: nn.Module,
+    rng_state: RngState | None = None,
+    trainer: Any | None = None,
+    *,
+    state: PythonState | None = None,
+    record: Recomputations | None = None,
 ) -> Iterator[None]:
     """Run the block with the module's logging muted and its state restored afterwards.
 
@@ -446,12 +536,20 @@ def isolated(
         trainer: whose optimizers and schedulers the block must not step or clear (needed to run
             a manual-optimization ``training_step`` again); by default the trainer the module is
             attached to, if any.
+        state: the module's Python state to start the block from (captured with
+            :func:`capture_state` before the real step); the state at entry is put back either
+            way.
+        record: counts the block, and receives the changes that could not be undone.
     """
     if trainer is None:
         trainer = getattr(module, "_trainer", None)
+    if record is not None:
+        record.count += 1
     cuda_in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
     devices = list(range(torch.cuda.device_count())) if cuda_in_use else []
     with ExitStack() as stack:
+        stack.enter_context(_python_state_kept(module, state, record))
+        stack.enter_context(_quiet())
         stack.enter_context(run_eagerly())
         stack.enter_context(restored_state(module))
         stack.enter_context(_restored_metrics(module))

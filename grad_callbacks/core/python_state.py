@@ -1,0 +1,299 @@
+"""The Python state a training step can change, captured and put back (pure Python and torch).
+
+A recomputation of ``training_step`` runs the user's code again; whatever it rebinds or
+mutates must look untouched afterwards. :class:`PythonState` is a shallow picture of:
+
+* every submodule's instance attributes (``module.__dict__``, but the parameter, buffer and
+  submodule tables, which :func:`~grad_callbacks.core.state.restored_state` and
+  ``torch.func.functional_call`` look after): a rebound attribute (``self.hidden = ...``, a
+  counter ``self.calls += 1``), one created on the instance (also one shadowing a class
+  attribute) and one deleted are put back, as the very same objects;
+* the attributes of the modules' own classes (``type(self).calls += 1``), for classes defined
+  outside torch, Lightning and ``transformers``;
+* the global namespace and closure cells of the functions named (``training_step``,
+  ``forward``): ``global calls; calls += 1``;
+* one level inside: a plain ``list``, ``dict``, ``set`` or ``deque`` held by any of the above
+  (``self.history.append(x)``) is copied (shallow, up to :data:`MAX_CONTAINER` items) and its
+  contents put back *in place* when they changed, so references the user holds to it stay
+  valid; a plain tensor held by an attribute, directly or in a tuple or list (a carried hidden
+  state), is cloned (up to :data:`MAX_TENSOR` elements) and its values put back when it was
+  written in place (its version counter moved).
+
+What this cannot undo, it names (:meth:`PythonState.restore` returns the names): a container
+larger than :data:`MAX_CONTAINER` whose length changed, a tensor larger than
+:data:`MAX_TENSOR` written in place. It never sees: objects of other classes mutated inside
+(``self.tracker.update(...)``), containers nested deeper than one level, other modules'
+globals, files, sockets, other processes.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2)
+    >>> net.calls, net.history = 0, []
+    >>> state = PythonState.capture(net)
+    >>> net.calls += 1; net.history.append("step"); net.created = True
+    >>> state.restore()
+    []
+    >>> net.calls, net.history, hasattr(net, "created")
+    (0, [], False)
+"""
+
+from __future__ import annotations
+
+import collections
+import types
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Containers up to this many items are copied and put back in place; larger ones are only
+#: watched (a changed length is reported as an effect that could not be undone).
+MAX_CONTAINER = 10_000
+#: Plain tensor attributes up to this many elements are cloned; larger ones are only watched
+#: (a write in place is reported).
+MAX_TENSOR = 1 << 22
+
+# Module tables left to restored_state / functional_call.
+_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+# Classes of these packages are not the user's: their attributes are not watched.
+_LIBRARY_PREFIXES = ("torch", "lightning", "pytorch_lightning", "transformers", "builtins")
+_CONTAINERS = (list, dict, set, collections.deque)
+_MISSING = object()
+
+
+@dataclass
+class _Container:
+    """A copy of a plain container's items (or only its length, when too large)."""
+
+    obj: Any
+    items: Any  # list / dict copy / None when too large
+    length: int
+
+    @classmethod
+    def take(cls, obj: Any) -> _Container:
+        n = len(obj)
+        if n > MAX_CONTAINER:
+            return cls(obj, None, n)
+        return cls(obj, dict(obj) if isinstance(obj, dict) else list(obj), n)
+
+    def changed(self) -> bool:
+        obj, items = self.obj, self.items
+        if len(obj) != self.length:
+            return True
+        if items is None:
+            return False
+        if isinstance(obj, dict):
+            return obj.keys() != items.keys() or any(obj[k] is not v for k, v in items.items())
+        if isinstance(obj, set):
+            return any(x not in obj for x in items)
+        return any(a is not b for a, b in zip(obj, items, strict=True))
+
+    def put_back(self) -> bool:
+        """Restore the items in place; False when they changed but were not copied."""
+        if not self.changed():
+            return True
+        if self.items is None:
+            return False
+        obj = self.obj
+        obj.clear()
+        if isinstance(obj, dict):
+            obj.update(self.items)
+        elif isinstance(obj, set):
+            obj.update(self.items)
+        else:
+            obj.extend(self.items)
+        return True
+
+
+@dataclass
+class _TensorCopy:
+    tensor: torch.Tensor
+    version: int
+    values: torch.Tensor | None  # None when too large to clone
+
+    @classmethod
+    def take(cls, t: torch.Tensor) -> _TensorCopy | None:
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+        values = t.detach().clone() if t.numel() <= MAX_TENSOR else None
+        return cls(t, version, values)
+
+    def put_back(self) -> bool:
+        try:
+            if self.tensor._version == self.version:
+                return True
+        except RuntimeError:
+            return True
+        if self.values is None:
+            return False
+        with torch.no_grad():
+            self.tensor.data.copy_(self.values)
+        return True
+
+
+def _is_plain_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+
+
+@dataclass
+class _Namespace:
+    """One namespace (an instance ``__dict__``, a class, globals, a closure cell)."""
+
+    name: str
+    kind: str  # "instance", "class", "globals", "closure"
+    values: dict[str, Any]
+    write: Callable[[str, Any], None]
+    delete: Callable[[str], None]
+    read: Callable[[], MutableMapping[str, Any] | types.MappingProxyType[str, Any]]
+    inner: list[tuple[str, _Container | _TensorCopy]] = field(default_factory=list)
+
+
+def _watch_inner(name: str, value: Any, seen: set[int]) -> list[tuple[str, Any]]:
+    """Copies of the containers and tensors held by one attribute value (one level)."""
+    out: list[tuple[str, Any]] = []
+    candidates = [value]
+    if isinstance(value, (tuple, list)) and len(value) <= MAX_CONTAINER:
+        candidates += [v for v in value if _is_plain_tensor(v)]
+    for item in candidates:
+        if id(item) in seen:
+            continue
+        if type(item) in _CONTAINERS or isinstance(item, (collections.OrderedDict,)):
+            seen.add(id(item))
+            out.append((name, _Container.take(item)))
+        elif _is_plain_tensor(item):
+            copy = _TensorCopy.take(item)
+            if copy is not None:
+                seen.add(id(item))
+                out.append((name, copy))
+    return out
+
+
+def _user_class(cls: type) -> bool:
+    module = getattr(cls, "__module__", "") or ""
+    return not module.split(".")[0].startswith(_LIBRARY_PREFIXES)
+
+
+class PythonState:
+    """A shallow picture of a module's Python state; see the module documentation.
+
+    Args:
+        namespaces: built by :meth:`capture`.
+    """
+
+    def __init__(self, namespaces: list[_Namespace]) -> None:
+        self._namespaces = namespaces
+
+    @classmethod
+    def capture(
+        cls, module: nn.Module, functions: Iterable[Callable[..., Any]] = ()
+    ) -> PythonState:
+        """Take the picture: ``module`` and its submodules, their own classes, and the
+        globals and closure cells of ``functions`` (bound methods are unwrapped)."""
+        namespaces: list[_Namespace] = []
+        seen: set[int] = set()
+        classes: dict[int, type] = {}
+        for prefix, sub in module.named_modules(remove_duplicate=True):
+            own = sub.__dict__
+            label = prefix or "self"
+            values = {k: v for k, v in own.items() if k not in _MODULE_TABLES}
+            namespaces.append(
+                _Namespace(
+                    label,
+                    "instance",
+                    values,
+                    own.__setitem__,
+                    lambda k, own=own: own.pop(k, None),
+                    lambda own=own: own,
+                )
+            )
+            for klass in type(sub).__mro__:
+                if _user_class(klass) and klass is not object:
+                    classes.setdefault(id(klass), klass)
+        for klass in classes.values():
+            namespaces.append(
+                _Namespace(
+                    klass.__qualname__,
+                    "class",
+                    dict(vars(klass)),
+                    lambda k, v, c=klass: setattr(c, k, v),
+                    lambda k, c=klass: delattr(c, k) if k in vars(c) else None,
+                    lambda c=klass: vars(c),
+                )
+            )
+        seen_globals: set[int] = set()
+        for fn in functions:
+            fn = getattr(fn, "__func__", fn)
+            globs = getattr(fn, "__globals__", None)
+            if isinstance(globs, dict) and id(globs) not in seen_globals:
+                seen_globals.add(id(globs))
+                namespaces.append(
+                    _Namespace(
+                        f"{globs.get('__name__', '?')} (globals)",
+                        "globals",
+                        dict(globs),
+                        globs.__setitem__,
+                        lambda k, g=globs: g.pop(k, None),
+                        lambda g=globs: g,
+                    )
+                )
+            code = getattr(fn, "__code__", None)
+            for var, cell in zip(
+                getattr(code, "co_freevars", ()), getattr(fn, "__closure__", None) or (),
+                strict=False,
+            ):
+                try:
+                    content = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                namespaces.append(
+                    _Namespace(
+                        f"{getattr(fn, '__qualname__', '?')} (closure)",
+                        "closure",
+                        {var: content},
+                        lambda k, v, c=cell: setattr(c, "cell_contents", v),
+                        lambda k: None,
+                        lambda c=cell, var=var: {var: c.cell_contents},
+                    )
+                )
+        for ns in namespaces:
+            for key, value in ns.values.items():
+                for item in _watch_inner(f"{ns.name}.{key}", value, seen):
+                    ns.inner.append(item)
+        return cls(namespaces)
+
+    def rebound(self) -> dict[str, Any]:
+        """The instance attributes (``"submodule.attr"``, ``"self.attr"``) whose binding
+        differs now from the picture: rebound, created or deleted, with their value in the
+        picture (``None`` for one created since)."""
+        out: dict[str, Any] = {}
+        for ns in self._namespaces:
+            if ns.kind != "instance":
+                continue
+            now = ns.read()
+            for key in set(now) | set(ns.values):
+                if key in _MODULE_TABLES:
+                    continue
+                before = ns.values.get(key, _MISSING)
+                if now.get(key, _MISSING) is not before:
+                    out[f"{ns.name}.{key}"] = None if before is _MISSING else before
+        return out
+
+    def restore(self) -> list[str]:
+        """Put everything back; return the names of the changes that could not be undone."""
+        lost: list[str] = []
+        for ns in self._namespaces:
+            now = ns.read()
+            for key in [k for k in now if k not in ns.values and k not in _MODULE_TABLES]:
+                ns.delete(key)
+            for key, value in ns.values.items():
+                if now.get(key, _MISSING) is not value:
+                    ns.write(key, value)
+            for name, copy in ns.inner:
+                if not copy.put_back():
+                    what = "written in place" if isinstance(copy, _TensorCopy) else "resized"
+                    lost.append(f"{name} ({what}, too large to copy)")
+        return lost
