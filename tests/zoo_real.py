@@ -17,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.demos import LightningLSTM, LightningTransformer
+from lightning.pytorch.demos.lstm import SimpleLSTM
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -190,11 +191,19 @@ def hf_loader(kind: str, batch_size: int = 8, n: int = 32) -> DataLoader:
 # ------------------------------------------------------------------- Lightning's demos
 class DemoLSTM(LightningLSTM):
     """``lightning.pytorch.demos.LightningLSTM`` (carries ``self.hidden`` across batches) on random
-    tokens instead of WikiText2. Its ``training_step`` is Lightning's own, unchanged."""
+    tokens instead of WikiText2. Its ``training_step`` is Lightning's own, unchanged.
 
-    def __init__(self, vocab_size: int = VOCAB) -> None:
+    Args:
+        vocab_size: the token vocabulary.
+        nhid: when given, the demo's ``SimpleLSTM`` is built with this embedding and hidden size
+            and 2 layers (the demo's 512 and 4 layers make per-sample tests slow on a CPU).
+    """
+
+    def __init__(self, vocab_size: int = VOCAB, nhid: int | None = None) -> None:
         super().__init__(vocab_size=vocab_size)
         self.vocab_size = vocab_size
+        if nhid is not None:
+            self.model = SimpleLSTM(vocab_size=vocab_size, ninp=nhid, nhid=nhid, nlayers=2)
 
     def prepare_data(self) -> None:  # WikiText2 would download
         pass

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -110,6 +111,12 @@ class GradientAudit(AuditCallback):
             ``every_n_steps`` schedules, every batch watched); so does
             ``on_finding="raise"`` for the watching (training must stop at the bad step).
             The report states the measured overhead and the share of batches watched.
+        recompute: False forbids every check to run ``training_step`` (or the model) again
+            beside the real step: passed to the checks that take it (``PerSampleGradientCheck``
+            and ``AutogradCheck`` then report ``check-skipped`` once and do nothing). Use it
+            when ``training_step`` has effects outside the module that a recomputation would
+            repeat (a file it writes, a counter kept elsewhere). The report's
+            ``recomputations`` says how many ran, per check.
     """
 
     check_name = "GradientAudit"
@@ -124,9 +131,11 @@ class GradientAudit(AuditCallback):
         every_n_steps: int | None = None,
         on_finding: OnFinding = "warn",
         max_overhead: float | None = 0.03,
+        recompute: bool = True,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps or 1, on_finding=on_finding)
         self.max_overhead = max_overhead
+        self.recompute = recompute
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         self._batch_started: tuple[float, float, float] | None = None
         self._own_seconds = 0.0  # in this callback's hooks, its checks' included
@@ -142,9 +151,14 @@ class GradientAudit(AuditCallback):
                 own = AUDIT_DEFAULTS.get(check.check_name, {})
                 if every_n_steps is not None or on_finding == "raise":
                     own = {}
-                check = check(**{**own, **common})
+                kwargs = {**own, **common}
+                if not recompute and "recompute" in inspect.signature(check).parameters:
+                    kwargs["recompute"] = False
+                check = check(**kwargs)
             if not isinstance(check, AuditCallback):
                 raise TypeError(f"GradientAudit takes audit checks, got {check!r}")
+            if not recompute and hasattr(check, "recompute"):
+                check.recompute = False
             check._owner = self
             check.norm_fn = self._norm_cache.norms
             if self.budget is not None and check.check_name in BUDGET_SHARES:
@@ -211,6 +225,8 @@ class GradientAudit(AuditCallback):
             "on_finding": self.on_finding,
             "max_overhead": self.max_overhead,
             "checks": [c.check_name for c in self.checks],
+            # only when off: the default keeps the checkpoint state keys of earlier versions
+            **({"recompute": False} if not self.recompute else {}),
         }
 
     @property

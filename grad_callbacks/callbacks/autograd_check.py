@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.recompute import isolated
+from grad_callbacks.callbacks.recompute import Recomputations, isolated
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.gradcheck import (
     CallRecorder,
@@ -177,6 +177,9 @@ class AutogradCheck(AuditCallback):
         every_n_steps: accepted for a uniform interface; the check runs at fit start and on
             demand.
         on_finding: ``"warn"``, ``"raise"`` or ``"log"``.
+        recompute: False forbids running ``training_step`` again: the check then reports
+            ``check-skipped`` once where it would have (it finds the inputs of Functions and
+            modules by a recomputation).
 
     Example:
         >>> check = AutogradCheck(modules=["encoder"], max_samples=4)
@@ -199,8 +202,12 @@ class AutogradCheck(AuditCallback):
         eps: float = 1e-6,
         every_n_steps: int = 1,
         on_finding: OnFinding = "warn",
+        recompute: bool = True,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
+        self.recompute = recompute
+        # What recomputations could not put back (then the check stops recomputing).
+        self._record = Recomputations()
         if isinstance(modules, str):
             modules = [modules]
         if max_samples < 1 or max_entries < 1:
@@ -236,6 +243,7 @@ class AutogradCheck(AuditCallback):
             "atol": tol.atol,
             "rtol": tol.rtol,
             "eps": tol.eps,
+            **({"recompute": False} if not self.recompute else {}),
         }
 
     def idle_reason(self) -> str:
@@ -246,6 +254,11 @@ class AutogradCheck(AuditCallback):
                 "checks chosen modules)"
             )
         return super().idle_reason()
+
+    def report_entry(self) -> dict[str, Any]:
+        entry = super().report_entry()
+        entry["recomputations"] = self.recomputations
+        return entry
 
     def run_now(self) -> None:
         """Check again at the next training batch."""
@@ -301,6 +314,18 @@ class AutogradCheck(AuditCallback):
     def _check(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if not (self._compiled_graph or self._functions or self.modules):
+            return
+        if not self.recompute or self._record.lost:
+            reason = (
+                "recompute=False: finding the inputs of custom Functions and modules means "
+                "running training_step again, so the check does not run"
+                if not self.recompute
+                else "running training_step again changed " + ", ".join(self._record.lost)
+                + ", which could not be put back; the check stops recomputing"
+            )
+            self.skip(reason, step=self._armed_step)
+            return
         if self._compiled_graph:
             self._find_compiled_functions(trainer, pl_module, batch, batch_idx)
         if not self._functions and not self.modules:
@@ -366,7 +391,7 @@ class AutogradCheck(AuditCallback):
                 f"inner.{name}": p.detach().requires_grad_(p.requires_grad)
                 for name, p in pl_module.named_parameters()
             }
-            with isolated(pl_module, trainer=trainer), torch.enable_grad():
+            with isolated(pl_module, trainer=trainer, record=self._record), torch.enable_grad():
                 pl_module.__dict__["manual_backward"] = _collect_into(losses)
                 try:
                     output = torch.func.functional_call(
@@ -416,7 +441,11 @@ class AutogradCheck(AuditCallback):
         small = slice_batch(batch, slice(0, self.max_samples), size=size) if size else batch
         for attempt in (small, batch):
             error = None
-            with recorder, isolated(pl_module, trainer=trainer), torch.no_grad():
+            with (
+                recorder,
+                isolated(pl_module, trainer=trainer, record=self._record),
+                torch.no_grad(),
+            ):
                 try:
                     pl_module.training_step(attempt, batch_idx)
                 except Exception as exc:  # e.g. a raw loss.backward() under no_grad

@@ -60,7 +60,9 @@ _MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 # Classes of these packages are not the user's: their attributes are not watched.
 _LIBRARY_PREFIXES = ("torch", "lightning", "pytorch_lightning", "transformers", "builtins")
 _CONTAINERS = (list, dict, set, collections.deque)
-_MISSING = object()
+#: Stands for an attribute that did not exist (see :meth:`PythonState.rebound`).
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
+_MISSING = MISSING
 
 
 @dataclass
@@ -268,7 +270,7 @@ class PythonState:
     def rebound(self) -> dict[str, Any]:
         """The instance attributes (``"submodule.attr"``, ``"self.attr"``) whose binding
         differs now from the picture: rebound, created or deleted, with their value in the
-        picture (``None`` for one created since)."""
+        picture (:data:`MISSING` for one created since)."""
         out: dict[str, Any] = {}
         for ns in self._namespaces:
             if ns.kind != "instance":
@@ -279,7 +281,7 @@ class PythonState:
                     continue
                 before = ns.values.get(key, _MISSING)
                 if now.get(key, _MISSING) is not before:
-                    out[f"{ns.name}.{key}"] = None if before is _MISSING else before
+                    out[f"{ns.name}.{key}"] = before
         return out
 
     def restore(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import lightning as L
@@ -14,7 +15,12 @@ from torch import nn
 from grad_callbacks import GradientAudit
 from grad_callbacks.callbacks.autograd_check import AutogradCheck
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
-from grad_callbacks.callbacks.recompute import capture_rng, isolated
+from grad_callbacks.callbacks.recompute import (
+    Recomputations,
+    capture_rng,
+    capture_state,
+    isolated,
+)
 from tests import zoo
 
 _ORIGINAL_BACKWARD = torch.autograd.backward
@@ -353,3 +359,156 @@ def test_backward_given_generators_inside_isolated_works_as_in_torch() -> None:
     with isolated(m):
         torch.autograd.backward([m(x).sum()], inputs=(t for t in [x]))
     assert x.grad is not None and m.weight.grad is None
+
+
+# ------------------------------------------------------------------ the module's Python state
+class _Stateful(L.LightningModule):
+    """A training_step with every Python side effect a user writes: a counter, a list of its
+    own, an attribute created over a class attribute, a print, a log record, a warning."""
+
+    mode = "class"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 1)
+        self.calls = 0
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        import logging
+        import warnings
+
+        self.calls += 1
+        self.mode = f"step {self.calls}"
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.losses.append(float(loss))
+        print(f"training_step call {self.calls}")
+        logging.getLogger("user").warning("call %d", self.calls)
+        warnings.warn(f"user warning {self.calls}", UserWarning, stacklevel=1)
+        self.log("calls", float(self.calls))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_isolated_puts_the_python_state_back_and_swallows_output(capsys, caplog) -> None:
+    module = _Stateful()
+    losses = module.losses
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    with pytest.warns(UserWarning):
+        module.training_step((x, y), 0)  # the real step
+    capsys.readouterr()
+    caplog.clear()
+    record = Recomputations()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with isolated(module, record=record):
+            module.training_step((x, y), 0)
+    assert module.calls == 1 and module.mode == "step 1"
+    assert module.losses is losses and len(losses) == 1
+    assert capsys.readouterr().out == "" and caplog.records == []
+    assert [w for w in caught if "user warning" in str(w.message)] == []
+    assert record.count == 1 and record.lost == []
+
+
+def test_isolated_starts_from_a_state_taken_before_the_real_step() -> None:
+    module = _Stateful()
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    before = capture_state(module)
+    with pytest.warns(UserWarning):
+        module.training_step((x, y), 0)  # the real step
+    seen: list[int] = []
+    with isolated(module, state=before):
+        assert module.calls == 0 and "mode" not in vars(module) and module.losses == []
+        module.training_step((x, y), 0)
+        seen.append(module.calls)
+    assert seen == [1] and module.calls == 1 and module.mode == "step 1"
+    assert len(module.losses) == 1
+
+
+def test_counters_logged_values_and_checkpoints_are_as_without_the_audit(tmp_path, capsys) -> None:
+    """Lightning's own tests, in small: a call counter reads N for N batches, a value logged
+    from a counter is unchanged, ModelCheckpoint(monitor=...) keeps the same best score."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(audit: bool) -> tuple[_Stateful, L.Trainer, Any]:
+        L.seed_everything(0)
+        module = _Stateful()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / str(audit), monitor="calls", mode="max",
+                               every_n_train_steps=2, save_top_k=1)
+        callbacks: list[Any] = [ckpt]
+        if audit:
+            callbacks.append(GradientAudit(on_finding="log", every_n_steps=1, max_overhead=None))
+        with pytest.warns(UserWarning):
+            trainer = zoo.fit(module, callbacks, enable_checkpointing=True)
+        return module, trainer, ckpt
+
+    plain, _, plain_ckpt = run(False)
+    printed = capsys.readouterr().out
+    audited, audited_trainer, audited_ckpt = run(True)
+    assert capsys.readouterr().out == printed
+    batches = len(zoo.regression_data())
+    assert plain.calls == audited.calls == batches
+    assert audited.losses == plain.losses
+    assert audited.mode == plain.mode
+    assert float(audited_trainer.callback_metrics["calls"]) == batches
+    saved_at = 2 * (batches // 2)  # every_n_train_steps=2: the last save's counter
+    assert float(audited_ckpt.best_model_score) == float(plain_ckpt.best_model_score) == saved_at
+    audit = next(c for c in audited_trainer.callbacks if isinstance(c, GradientAudit))
+    per_sample = next(c for c in audit.checks if isinstance(c, PerSampleGradientCheck))
+    assert per_sample.steps_checked == batches and per_sample.recomputations > batches
+    assert per_sample.report_entry()["recomputations"] == per_sample.recomputations
+
+
+class _Tracker:
+    """An object of the user's own that training_step updates: its inside is not put back."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+
+class _Tracked(zoo.MLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracker = _Tracker()
+        self.history: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.tracker.calls += 1
+        self.history.append(batch_idx)
+        return zoo.Square.apply(super().training_step(batch, batch_idx))
+
+
+def test_recompute_false_runs_nothing_again_and_says_so_once() -> None:
+    recomputing = GradientAudit(on_finding="log", every_n_steps=1, max_overhead=None)
+    module = _Tracked()
+    zoo.fit(module, [recomputing])
+    batches = len(zoo.regression_data())
+    assert module.tracker.calls > batches  # the documented limit: its inside is not put back
+
+    audit = GradientAudit(on_finding="log", every_n_steps=1, max_overhead=None, recompute=False)
+    module = _Tracked()
+    zoo.fit(module, [audit])
+    assert module.tracker.calls == batches and module.history == list(range(batches))
+    skipped = {f.check: f for f in audit.findings if f.code == "check-skipped"}
+    for name in ("PerSampleGradientCheck", "AutogradCheck"):
+        assert "recompute=False" in skipped[name].message
+    for check in audit.checks:
+        if hasattr(check, "recompute"):
+            assert check.recompute is False and check.report_entry()["recomputations"] == 0
+    assert audit.settings()["recompute"] is False
+
+
+def test_what_a_recomputation_cannot_put_back_is_named_and_stops_it(monkeypatch) -> None:
+    from grad_callbacks.core import python_state
+
+    monkeypatch.setattr(python_state, "MAX_CONTAINER", 2)
+    check = PerSampleGradientCheck(every_n_steps=1, on_finding="log")
+    module = _Tracked()
+    module.history.extend([-1, -1, -1])  # too long to copy from the start
+    zoo.fit(module, [check], max_steps=3)
+    skipped = [f for f in check.findings if f.code == "check-skipped"]
+    assert len(skipped) == 1 and "self.history (resized" in skipped[0].message
+    assert check.steps_checked == 1  # the check stopped recomputing after the first step

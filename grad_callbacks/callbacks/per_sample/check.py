@@ -37,6 +37,7 @@ from grad_callbacks.callbacks.per_sample.comparison import Measured, _Comparison
 from grad_callbacks.callbacks.per_sample.losses import (
     PerSampleLoss,
     _NoLoss,
+    carried_state,
     sample_losses,
     training_loss,
 )
@@ -52,7 +53,12 @@ from grad_callbacks.callbacks.per_sample.verdicts import (
     reduction_findings,
     sample_findings,
 )
-from grad_callbacks.callbacks.recompute import capture_rng, isolated
+from grad_callbacks.callbacks.recompute import (
+    Recomputations,
+    capture_rng,
+    capture_state,
+    isolated,
+)
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.diagnosis import (
     MISMATCH_TOL,
@@ -95,6 +101,9 @@ class PerSampleGradientCheck(AuditCallback):
             times the median and the root-mean-square of the other samples' norms...
         outlier_share: ...and it carries at least this share of the batch's squared norms.
         check_optimizer_grad: compare the optimizer's gradient with the loss's (``grad-mismatch``).
+        recompute: False forbids running ``training_step`` (or the model) again: the check
+            then does nothing and reports ``check-skipped`` once (everything it compares is a
+            recomputation).
 
     Example:
         >>> import lightning as L
@@ -118,6 +127,7 @@ class PerSampleGradientCheck(AuditCallback):
         outlier_factor: float = 10.0,
         outlier_share: float = 0.5,
         check_optimizer_grad: bool = True,
+        recompute: bool = True,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
         if max_samples < 2:
@@ -129,6 +139,9 @@ class PerSampleGradientCheck(AuditCallback):
         self.outlier_factor = outlier_factor
         self.outlier_share = outlier_share
         self.check_optimizer_grad = check_optimizer_grad
+        self.recompute = recompute
+        # Counts the recomputations and keeps what they could not put back.
+        self._record = Recomputations()
         self._window: list[_MicroBatch] = []
         self._window_step: int | None = None
         self._done_steps: set[int] = set()
@@ -150,14 +163,22 @@ class PerSampleGradientCheck(AuditCallback):
             "outlier_factor": self.outlier_factor,
             "outlier_share": self.outlier_share,
             "check_optimizer_grad": self.check_optimizer_grad,
+            **({"recompute": False} if not self.recompute else {}),
         }
 
     def report_entry(self) -> dict[str, Any]:
         entry = super().report_entry()
+        entry["recomputations"] = self.recomputations
         if self.last_stats is not None:
             entry["per_sample_method"] = self.last_stats.method
             entry["vmap_fallback_reason"] = self.last_stats.fallback_reason
         return entry
+
+    @property
+    def recomputations(self) -> int:
+        """How many times the check ran ``training_step`` (or ``per_sample_loss``) again, each
+        in an isolated block (the report's ``recomputations``)."""
+        return self._record.count
 
     # ------------------------------------------------------------------ schedule
     def is_scheduled(self, step: int) -> bool:
@@ -192,10 +213,15 @@ class PerSampleGradientCheck(AuditCallback):
         step = trainer.global_step
         if not self.is_scheduled(step) or step in self._done_steps:
             return
+        if not self._may_recompute():
+            return
         if self._window_step != step:
             self._window, self._window_step = [], step
-        # The generators' state before training_step: the replay draws the same dropout masks.
-        self._window.append(_MicroBatch(batch, batch_idx, capture_rng()))
+        # The generators' and the module's state before training_step: the replay draws the
+        # same dropout masks and sees the same carried state.
+        self._window.append(
+            _MicroBatch(batch, batch_idx, capture_rng(), capture_state(pl_module))
+        )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window, self._window_step = [], None
@@ -222,7 +248,27 @@ class PerSampleGradientCheck(AuditCallback):
                         self._check_accumulation(trainer, window)
                 if self.check_optimizer_grad:
                     self._check_optimizer_grad(trainer, pl_module, raw, window, params)
+            self._may_recompute()
         self._plan_next_run(trainer, step, self.seconds_spent - spent_before)
+
+    def _may_recompute(self) -> bool:
+        """False (and ``check-skipped`` said once) when recomputing is off, or when a
+        recomputation changed something that could not be undone."""
+        if not self.recompute:
+            self.skip(
+                "recompute=False: every comparison this check makes runs training_step again "
+                "beside the real step, so it does not run"
+            )
+            return False
+        if self._record.lost:
+            self.skip(
+                "running training_step again changed "
+                + ", ".join(self._record.lost)
+                + ", which could not be put back; the check stops recomputing (keep such "
+                "state small, or pass recompute=False)"
+            )
+            return False
+        return True
 
     # ------------------------------------------------------------------ per-sample comparison
     def _compare_per_sample(
@@ -231,7 +277,11 @@ class PerSampleGradientCheck(AuditCallback):
         losses = sample_losses(self.per_sample_loss, pl_module)
         b = batch_size(micro.batch)
         if b is None and losses is not None:
-            with isolated(pl_module, rng_state=micro.rng), torch.no_grad():
+            with (
+                isolated(pl_module, rng_state=micro.rng, state=micro.state,
+                         record=self._record),
+                torch.no_grad(),
+            ):
                 b = len(losses(pl_module, micro.batch))
         if b is None:
             self.skip(
@@ -245,6 +295,10 @@ class PerSampleGradientCheck(AuditCallback):
             return
         n = min(b, self.max_samples)
         batch = slice_batch(micro.batch, slice(0, n), size=b) if n < b else micro.batch
+        carried = carried_state(micro.state, b)
+        if isinstance(carried, str):
+            self.skip(f"{carried}; give the module a per_sample_loss(batch) method")
+            return
         if losses is not None:
             per_sample_fn = lambda m, x: losses(m, x).sum()  # noqa: E731
             batch_fn = (
@@ -262,8 +316,8 @@ class PerSampleGradientCheck(AuditCallback):
             return
 
         comparison = _Comparison(
-            pl_module, micro, batch, n, params, per_sample_fn, batch_fn, self.chunk_size,
-            self.method, size=b,
+            pl_module, micro, carried.pack(batch, n), n, params, carried.loss(per_sample_fn),
+            carried.loss(batch_fn), self.chunk_size, self.method, size=b, record=self._record,
         )
         train_bn = any(isinstance(m, _BatchNorm) and m.training for m in pl_module.modules())
         try:
@@ -412,7 +466,9 @@ class PerSampleGradientCheck(AuditCallback):
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
         recomputed: dict[str, Tensor] | None = None
         with self.guarded("the optimizer-gradient comparison"):
-            recomputed = replay_window(trainer, pl_module, optimizer, window, live)
+            recomputed = replay_window(
+                trainer, pl_module, optimizer, window, live, self._record
+            )
         if distributed:
             recomputed = average_over_ranks(live, recomputed)
         if recomputed is None or not live:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from grad_callbacks.callbacks.recompute import RngState, isolated
+from grad_callbacks.callbacks.recompute import Recomputations, RngState, isolated
 from grad_callbacks.core.diagnosis import relative_error
 from grad_callbacks.core.per_sample import (
     PerSampleStats,
@@ -25,6 +25,7 @@ from grad_callbacks.core.per_sample import (
     per_sample_grad_stats,
 )
 from grad_callbacks.core.per_sample.weights import Gram, gram_of
+from grad_callbacks.core.python_state import PythonState
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class _MicroBatch:
     batch: Any
     batch_idx: int
     rng: RngState
+    #: The module's Python state before the real step (a replay starts from it).
+    state: PythonState | None = None
 
 
 @dataclass
@@ -59,12 +62,19 @@ class _Comparison:
     chunk_size: int
     method: str
     size: int = 0  # the micro-batch's batch size B (n of B samples compared)
+    record: Recomputations | None = None
+
+    def isolated(self) -> Any:
+        """The recomputation's isolation, started from the real step's state."""
+        return isolated(
+            self.pl_module, rng_state=self.micro.rng, state=self.micro.state, record=self.record
+        )
 
     def fit(self, eval_bn: bool = False) -> Measured:
         """Per-sample statistics, the fit of the batch gradient on their mean, and the Gram
         matrices for the weighted fit (the per-sample gradients themselves are not kept)."""
         with (
-            isolated(self.pl_module, rng_state=self.micro.rng),
+            self.isolated(),
             _stochastic_layers_off(self.pl_module),
             batchnorm_eval(self.pl_module) if eval_bn else nullcontext(),
         ):
@@ -86,10 +96,7 @@ class _Comparison:
     def batch_grad_of(self, batch: Any) -> dict[str, Tensor]:
         """The batch loss's gradient on ``batch`` (a variant of this comparison's batch), under
         the same conditions as :meth:`fit` (BatchNorm as the module has it)."""
-        with (
-            isolated(self.pl_module, rng_state=self.micro.rng),
-            _stochastic_layers_off(self.pl_module),
-        ):
+        with self.isolated(), _stochastic_layers_off(self.pl_module):
             return loss_grad(self.pl_module, self.batch_fn, batch, params=self.params)
 
     def loss_is_random(self, tol: float) -> bool:
@@ -102,7 +109,7 @@ class _Comparison:
         grads = []
         module = self.pl_module
         for seed in (None, 1234567):
-            with isolated(module, rng_state=self.micro.rng), _stochastic_layers_off(module):
+            with self.isolated(), _stochastic_layers_off(module):
                 if seed is not None:
                     torch.manual_seed(seed)
                 grads.append(loss_grad(module, self.batch_fn, self.batch, params=self.params))

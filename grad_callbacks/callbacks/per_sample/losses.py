@@ -1,17 +1,24 @@
 """How PerSampleGradientCheck obtains a loss: ``training_step`` on a (sliced) batch, or the
-per-sample losses a module's ``per_sample_loss`` method (or the check's argument) gives.
+per-sample losses a module's ``per_sample_loss`` method (or the check's argument) gives, or, in
+manual optimization, the losses ``training_step`` hands to ``manual_backward``.
 
 Each way is one function; the recomputation itself runs inside
-:func:`~grad_callbacks.callbacks.recompute.isolated`, set up by the caller.
+:func:`~grad_callbacks.callbacks.recompute.isolated`, set up by the caller, started from the
+module's Python state before the real step (a hidden state carried from the previous batch is
+the one the real step saw). Such a carried state that holds one row per sample is cut with the
+batch (:func:`carried_state`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
+
+from grad_callbacks.core.python_state import MISSING, PythonState
 
 PerSampleLoss = Callable[[nn.Module, Any], Tensor]
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -56,3 +63,109 @@ def sample_losses(
     if callable(method):
         return lambda module, batch: module.per_sample_loss(batch)  # type: ignore[operator]
     return None
+
+
+# ------------------------------------------------------------------ a stateful training_step
+@dataclass(frozen=True)
+class CarriedState:
+    """The attributes the real step rebound (a hidden state carried from the previous batch, a
+    counter), put back to their value before the step at every call of the loss, so that every
+    pass (the batch, each sample, each vmap chunk) starts where the real step started. Those
+    whose value holds one row per sample are cut with the batch: a sample's loss sees its row.
+
+    ``leaves[i]`` is a tensor leaf of attribute ``paths[i]`` (of the tuple/list ``templates[i]``,
+    or the tensor itself) moved so that its batch axis comes first; ``axes[i]`` says where it
+    goes back.
+    """
+
+    paths: tuple[str, ...] = ()
+    templates: tuple[Any, ...] = ()
+    axes: tuple[tuple[int, ...], ...] = ()
+    leaves: tuple[tuple[Tensor, ...], ...] = ()
+    #: The other rebound attributes and their value before the step (MISSING: none).
+    fixed: tuple[tuple[str, Any], ...] = ()
+
+    def pack(self, batch: Any, n: int) -> Any:
+        """``batch`` (already cut to ``n`` samples) with the state's first ``n`` rows."""
+        if not self.paths:
+            return batch
+        return (batch, [leaf[:n] for group in self.leaves for leaf in group])
+
+    def loss(self, fn: LossFn) -> LossFn:
+        """``fn`` on a packed batch: the state's rows are put on the module first."""
+        if not self.paths and not self.fixed:
+            return fn
+
+        def loss(module: nn.Module, packed: Any) -> Tensor:
+            for path, value in self.fixed:
+                _set_attribute(module, path, value)
+            if not self.paths:
+                return fn(module, packed)
+            batch, flat = packed
+            at = 0
+            for path, template, axes in zip(self.paths, self.templates, self.axes, strict=True):
+                rows = [flat[at + i].movedim(0, a) for i, a in enumerate(axes)]
+                at += len(axes)
+                value = rows[0] if isinstance(template, Tensor) else type(template)(rows)
+                _set_attribute(module, path, value)
+            return fn(module, batch)
+
+        return loss
+
+
+def _set_attribute(module: nn.Module, path: str, value: Any) -> None:
+    owner, _, name = path.rpartition(".")
+    target = module if owner == "self" else module.get_submodule(owner)
+    if value is MISSING:
+        target.__dict__.pop(name, None)
+    else:
+        target.__dict__[name] = value
+
+
+def _batch_axis(t: Tensor, b: int) -> int | str | None:
+    dims = [i for i, d in enumerate(t.shape) if d == b]
+    if not dims:
+        return None
+    if len(dims) > 1:
+        return "ambiguous"
+    return dims[0]
+
+
+def carried_state(start: PythonState | None, b: int) -> CarriedState | str:
+    """The attributes the real step rebound whose value before it has a batch axis of size
+    ``b``, or why they cannot be sliced (a tensor with several axes of that size)."""
+    if start is None:
+        return CarriedState()
+    paths, templates, axes_all, leaves_all = [], [], [], []
+    fixed: list[tuple[str, Any]] = []
+    for path, before in start.rebound().items():
+        if isinstance(before, Tensor):
+            leaves: list[Any] = [before]
+        elif type(before) in (tuple, list) and before:
+            leaves = list(before)
+        else:
+            leaves = []
+        if not leaves or not all(isinstance(t, Tensor) for t in leaves):
+            fixed.append((path, before))
+            continue
+        axes = [_batch_axis(t, b) for t in leaves]
+        if "ambiguous" in axes:
+            shapes = [tuple(t.shape) for t in leaves]
+            return (
+                f"training_step carries {path} (shape {shapes}) from one batch to the next, and "
+                f"more than one of its axes has the batch size {b}, so it cannot be cut sample "
+                f"by sample"
+            )
+        if any(a is None for a in axes):
+            fixed.append((path, before))  # not per-sample: every sample sees it whole
+            continue
+        paths.append(path)
+        templates.append(before)
+        ints = tuple(int(a) for a in axes)  # type: ignore[arg-type]
+        axes_all.append(ints)
+        leaves_all.append(
+            tuple(t.detach().movedim(a, 0) for t, a in zip(leaves, ints, strict=True))
+        )
+    return CarriedState(
+        tuple(paths), tuple(templates), tuple(axes_all), tuple(leaves_all), tuple(fixed)
+    )

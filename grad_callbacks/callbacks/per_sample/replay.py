@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from grad_callbacks.callbacks.per_sample.comparison import _MicroBatch
 from grad_callbacks.callbacks.per_sample.losses import training_loss
-from grad_callbacks.callbacks.recompute import isolated
+from grad_callbacks.callbacks.recompute import Recomputations, isolated
 from grad_callbacks.core.per_sample import loss_grad
 
 
@@ -32,6 +32,7 @@ def replay_window(
     optimizer: Any,
     window: Sequence[_MicroBatch],
     live: Mapping[str, Tensor],
+    record: Recomputations | None = None,
 ) -> dict[str, Tensor] | None:
     """The gradient the optimizer should see: the training loss's over ``window``, divided by
     ``accumulate_grad_batches``, AMP-scaled and unscaled like the live one. None when ``live``
@@ -52,7 +53,7 @@ def replay_window(
             return fn(m, b) * scale / accumulate
 
         with (
-            isolated(pl_module, rng_state=micro.rng),
+            isolated(pl_module, rng_state=micro.rng, state=micro.state, record=record),
             trainer.precision_plugin.forward_context(),
         ):
             grads = loss_grad(pl_module, scaled, micro.batch, params=params)
