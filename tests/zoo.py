@@ -456,3 +456,50 @@ class RecordingLogger(Logger):
 
     def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+
+# ------------------------------------------------------------------ bugs planted at a step
+#: The per-step bugs :func:`plant` can start at a given batch.
+PLANTED_BUGS = ("nan", "no_zero_grad", "detach")
+
+
+def plant(module: L.LightningModule, bug: str, onset: int, layer: nn.Module) -> None:
+    """Make ``module`` (automatic optimization) go wrong from its ``onset``-th training batch on.
+
+    ``"nan"``: ``layer``'s output is NaN (as a NaN in the data makes it); ``"no_zero_grad"``:
+    ``optimizer_zero_grad`` stops clearing; ``"detach"``: ``layer``'s output is detached, so
+    ``layer`` and what comes before it get no gradient. The module's code is not changed: hooks
+    and an instance attribute, so any model of the zoos can carry a bug.
+    """
+
+    def started() -> bool:
+        return module.trainer.fit_loop.epoch_loop.total_batch_idx >= onset
+
+    if bug == "nan":
+        layer.register_forward_hook(lambda m, i, out: out * float("nan") if started() else out)
+    elif bug == "detach":
+        layer.register_forward_hook(lambda m, i, out: out.detach() if started() else out)
+    elif bug == "no_zero_grad":
+        clear = module.optimizer_zero_grad
+
+        def optimizer_zero_grad(epoch: int, batch_idx: int, optimizer: Any) -> None:
+            if not started():
+                clear(epoch, batch_idx, optimizer)
+
+        module.optimizer_zero_grad = optimizer_zero_grad  # type: ignore[method-assign]
+    else:
+        raise ValueError(f"unknown bug {bug!r}; one of {PLANTED_BUGS}")
+
+
+class LeakingGAN(GAN):
+    """:class:`GAN` in the clean ``"zero_first"`` mode until batch ``onset``, then ``"leak"``:
+    the generator loss's gradient reaches the discriminator's step from there on."""
+
+    def __init__(self, onset: int) -> None:
+        super().__init__(mode="zero_first")
+        self.onset = onset
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self.trainer.fit_loop.epoch_loop.total_batch_idx >= self.onset:
+            self.mode = "leak"
+        super().training_step(batch, batch_idx)

@@ -36,6 +36,7 @@ from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 from grad_callbacks.core.budget import OverheadBudget, WatchWindows
 from grad_callbacks.core.norms import NormCache
+from grad_callbacks.core.sentinel import ClearSentinel, FiniteSentinel
 from grad_callbacks.findings import Finding
 
 #: The checks ``GradientAudit()`` runs by default, in order.
@@ -63,6 +64,7 @@ _BASE_HOOKS = {
 _OWN_HOOKS = {
     "on_train_start",
     "on_train_batch_start",
+    "on_before_backward",
     "on_before_optimizer_step",
     "on_train_batch_end",
 }
@@ -74,8 +76,27 @@ BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.5}
 #: ``watches_steps``: ZeroGradCheck, GradientSanityCheck). The rest is left to the cheap
 #: periodic checks and to calling the checks' hooks.
 WATCH_SHARE = 0.4
-#: Optimizer steps per watch window (at least twice a GradientSanityCheck's patience).
-WATCH_WINDOW_STEPS = 8
+#: Optimizer steps per watch window (at least a GradientSanityCheck's patience + 1).
+WATCH_WINDOW_STEPS = 4
+#: Optimizer steps in the first window, from the first batch (a bug present from the start is
+#: seen over more steps at once).
+FIRST_WINDOW_STEPS = 8
+#: The most optimizer steps from one watch window's opening to the next, whatever the budget:
+#: a missing zero_grad, a leak, a stale gradient or a parameter without gradient that starts
+#: between windows is found within this many steps plus a window's patience.
+MAX_WINDOW_GAP_STEPS = 40
+#: The always-on sentinel of non-finite losses and gradients looks every this many optimizer
+#: steps (one device reduction and a small transfer that does not wait on CUDA).
+FINITE_EVERY_STEPS = 5
+#: The bounds GradientAudit() keeps, in optimizer steps from a bug's first step to its finding
+#: (the report states them; tests/callbacks/test_latency.py pins them).
+LATENCY_BOUNDS: dict[str, int] = {
+    "nonfinite-grad": 10,
+    "missing-zero-grad": 50,
+    "gradient-leak": 50,
+    "stale-grad": 50,
+    "missing-grad": 50,
+}
 # Per-batch hooks not called on a check while it is not watching.
 _WATCHED_HOOKS = frozenset(
     {
@@ -88,10 +109,10 @@ _WATCHED_HOOKS = frozenset(
 )
 
 #: Settings GradientAudit gives a check it builds when the user passes no every_n_steps.
-#: GradientSanityCheck reads its device accumulators every 50 steps instead of every step (the
-#: steps in its findings stay exact); not under on_finding="raise", which must stop training
-#: at the bad step.
-AUDIT_DEFAULTS: dict[str, dict[str, Any]] = {"GradientSanityCheck": {"every_n_steps": 50}}
+#: GradientSanityCheck reads its device accumulators every 20 steps instead of every step (the
+#: steps in its findings stay exact; a NaN/Inf makes GradientAudit's sentinel read them at
+#: once); not under on_finding="raise", which must stop training at the bad step.
+AUDIT_DEFAULTS: dict[str, dict[str, Any]] = {"GradientSanityCheck": {"every_n_steps": 20}}
 
 
 class GradientAudit(AuditCallback):
@@ -122,7 +143,13 @@ class GradientAudit(AuditCallback):
     check_name = "GradientAudit"
     metric_prefix = "audit"
     needs_whole_gradients = False  # its checks decide for themselves
-    live_attributes = ("_targets", "_batch_started")
+    live_attributes = (
+        "_targets",
+        "_batch_started",
+        "finite_sentinel",
+        "clear_sentinel",
+        "_optimizers",
+    )
 
     def __init__(
         self,
@@ -177,8 +204,21 @@ class GradientAudit(AuditCallback):
         # No windows where a watching check must stop training at the bad step.
         raising = on_finding == "raise" or any(c.on_finding == "raise" for c in self._watchers)
         if self.budget is not None and not raising and self._watchers:
-            self.watch_windows = WatchWindows(self.budget, WATCH_SHARE, WATCH_WINDOW_STEPS)
+            self.watch_windows = WatchWindows(
+                self.budget, WATCH_SHARE, WATCH_WINDOW_STEPS, max_gap=MAX_WINDOW_GAP_STEPS
+            )
         self._window_steps = WATCH_WINDOW_STEPS
+        # Always-on sentinels (set up at train start): a NaN/Inf loss or gradient makes the
+        # sanity check read at once; an optimizer stepping on the gradient tensor it stepped on
+        # before opens a window for the zero-grad check.
+        self._sanity = next((c for c in built if isinstance(c, GradientSanityCheck)), None)
+        self._zero_grad = next((c for c in built if isinstance(c, ZeroGradCheck)), None)
+        self.finite_sentinel: FiniteSentinel | None = None
+        self.clear_sentinel: ClearSentinel | None = None
+        self._clear_window: int | None = None  # zero-grad findings when a sentinel asked
+        self._batch_idx = 0
+        self._one_time = False
+        self._optimizers: list[Any] = []
         self._route()
 
     def _route(self) -> None:
@@ -255,16 +295,34 @@ class GradientAudit(AuditCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with self._own():
             patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
-            self._window_steps = max(WATCH_WINDOW_STEPS, 2 * patience)
+            self._window_steps = max(WATCH_WINDOW_STEPS, patience + 1)
             self._call("on_train_start", trainer, pl_module)
             AuditCallback.on_train_start(self, trainer, pl_module)
+            self._start_sentinels(trainer)
+
+    def _start_sentinels(self, trainer: pl.Trainer) -> None:
+        self._optimizers = list(trainer.optimizers)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # With a GradScaler, NaN/Inf gradients are the scaler's business (it skips the step).
+        scaled = scaler is not None and bool(scaler.is_enabled())
+        usable = self._sanity is not None and not self._sanity._inactive and not scaled
+        self.finite_sentinel = FiniteSentinel(FINITE_EVERY_STEPS) if usable else None
+        self.clear_sentinel = None
+        if self.watch_windows is not None and self._zero_grad is not None:
+            if not self._zero_grad._inactive:
+                self.clear_sentinel = ClearSentinel(self._optimizers)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         scheduled = sum(check.total_seconds for check in self._scheduled)
         self._batch_started = (time.perf_counter(), self.audit_seconds, scheduled)
+        # The batches before the first optimizer step carry the one-time audit.
+        self._one_time = trainer.global_step == 0
         with self._own():
+            self._batch_idx = batch_idx
+            if self.finite_sentinel is not None and self.finite_sentinel._reads:
+                self._poll_finite()
             if self.watch_windows is not None:
                 self._choose_watching(trainer, batch_idx)
             self._call("on_train_batch_start", trainer, pl_module, batch, batch_idx)
@@ -274,6 +332,8 @@ class GradientAudit(AuditCallback):
         # Read at every batch: a GradientAccumulationScheduler changes it between epochs.
         accumulate = max(1, int(trainer.accumulate_grad_batches))
         self.watch_windows.length = self._window_steps * accumulate
+        self.watch_windows.first_length = FIRST_WINDOW_STEPS * accumulate
+        self.watch_windows.max_gap = MAX_WINDOW_GAP_STEPS * accumulate
         spent = sum(check.total_seconds for check in self._watchers)
         # A window opens where an accumulation window does, so that its first step's count of
         # micro-batches is exact.
@@ -282,6 +342,55 @@ class GradientAudit(AuditCallback):
         for check in self._watchers:
             if check.watching != watch:
                 check.start_watching() if watch else check.stop_watching()
+        if not watch and self._clear_window is not None and self._zero_grad is not None:
+            # The window the clear sentinel asked for is over: when the exact check found
+            # nothing, the sentinel is wrong for this run (gradients cleared in place).
+            if len(self._zero_grad.findings) == self._clear_window:
+                self.clear_sentinel = None
+            self._clear_window = None
+        if watch and self.clear_sentinel is not None:
+            self.clear_sentinel.reset()
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any
+    ) -> None:
+        with self._own():
+            if self.finite_sentinel is not None:
+                self.finite_sentinel.add_loss(loss, trainer.global_step, self._batch_idx)
+            self._call("on_before_backward", trainer, pl_module, loss)
+
+    def _poll_finite(self) -> None:
+        assert self.finite_sentinel is not None
+        found = self.finite_sentinel.poll()
+        if found is not None:
+            assert self._sanity is not None
+            self._sanity.nonfinite_seen(found)
+            self.finite_sentinel = None  # its work is done: the sanity check reports it
+            if self.watch_windows is not None and not self._sanity.watching:
+                self.watch_windows.request()
+
+    def _sentinels_at_step(self, trainer: pl.Trainer, optimizer: Any) -> None:
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        index = next((i for i, opt in enumerate(self._optimizers) if opt is raw), None)
+        if index is None:
+            return
+        clear = self.clear_sentinel
+        if clear is not None and clear.step(index) and self._zero_grad is not None:
+            if not self._zero_grad.watching and self._clear_window is None:
+                assert self.watch_windows is not None
+                self.watch_windows.request()
+                self._clear_window = len(self._zero_grad.findings)
+        finite = self.finite_sentinel
+        if finite is not None and finite.due():
+            grads = [
+                p.grad
+                for group in raw.param_groups
+                for p in group["params"]
+                if p.grad is not None and p.requires_grad
+            ]
+            norms = self._norm_cache.norms(grads) if grads else None
+            finite.check(grads, trainer.global_step, self._batch_idx, norms=norms)
+            self._poll_finite()
 
     def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # The gradient norms are shared only within this hook call: the gradients do not change
@@ -290,6 +399,9 @@ class GradientAudit(AuditCallback):
             self._norm_cache.clear()
             try:
                 self._call("on_before_optimizer_step", *args, **kwargs)
+                if self.finite_sentinel is not None or self.clear_sentinel is not None:
+                    trainer, _, optimizer = _step_args(args, kwargs)
+                    self._sentinels_at_step(trainer, optimizer)
             finally:
                 self._norm_cache.clear()
 
@@ -313,33 +425,75 @@ class GradientAudit(AuditCallback):
             started, audit_before, scheduled_before = self._batch_started
             spent = self.audit_seconds - audit_before
             scheduled = sum(check.total_seconds for check in self._scheduled) - scheduled_before
-            self.budget.record_step(time.perf_counter() - started - spent, spent, scheduled)
+            self.budget.record_step(
+                time.perf_counter() - started - spent, spent, scheduled, one_time=self._one_time
+            )
             self._batch_started = None
             if self.wants_scalars():
-                self.queue_scalars({"overhead": self.budget.overhead})
+                scalars = {"overhead": self.budget.overhead}
+                steady = self.budget.steady_overhead
+                if steady is not None:
+                    scalars["steady_overhead"] = steady
+                if self.watch_windows is not None:
+                    scalars["watched_share"] = self.watch_windows.watched_share
+                self.queue_scalars(scalars)
 
     def scalar_charts(self) -> dict[str, list[str]]:
         """The measured overhead, when there is a budget (the checks bring their own charts)."""
-        return {"Audit overhead": ["grad_audit/audit/overhead"]} if self.budget else {}
+        if not self.budget:
+            return {}
+        return {
+            "Audit overhead": [
+                "grad_audit/audit/overhead",
+                "grad_audit/audit/steady_overhead",
+                "grad_audit/audit/watched_share",
+            ]
+        }
 
     def report_extras(self) -> dict[str, Any]:
         if self.budget is None:
             return {}
-        windows = self.watch_windows
+        budget, windows = self.budget, self.watch_windows
+        steady = budget.steady_overhead
         return {
             "overhead": {
                 "max_overhead": self.max_overhead,
-                "measured": round(self.budget.overhead, 6),
-                "check_seconds": round(self.budget.check_seconds, 6),
-                "train_seconds": round(self.budget.train_seconds, 6),
-                "steps": self.budget.steps,
+                "measured": round(budget.overhead, 6),
+                "check_seconds": round(budget.check_seconds, 6),
+                "train_seconds": round(budget.train_seconds, 6),
+                "steps": budget.steps,
+                "one_time": {
+                    "seconds": round(budget.one_time_seconds, 6),
+                    "training_steps": round(budget.one_time_steps, 2),
+                    "what": (
+                        "the first optimizer step's batches: every check's first run "
+                        "(per-sample comparison, batch mixing, autograd check)"
+                    ),
+                },
+                "steady_state": {
+                    "from_step": budget.steady_from,
+                    "measured": round(steady, 6) if steady is not None else None,
+                    "check_seconds": round(budget.steady_check_seconds, 6),
+                    "train_seconds": round(budget.steady_train_seconds, 6),
+                    "steps": max(0, budget.steps - budget.steady_from),
+                },
                 "watched_share": round(windows.watched_share, 6) if windows else 1.0,
                 "watch_window_batches": windows.length if windows else None,
+                "max_window_gap_batches": windows.max_gap if windows else None,
+                "windows_requested": windows.requested if windows else 0,
+                "latency_bounds_steps": dict(LATENCY_BOUNDS),
             }
         }
 
     def _gather(self, trainer: pl.Trainer) -> None:
         """The checks gather their own findings; the bundle has none of its own."""
+
+
+def _step_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``(trainer, pl_module, optimizer)`` of an ``on_before_optimizer_step`` call."""
+    names = ("trainer", "pl_module", "optimizer")
+    values = list(args) + [kwargs[n] for n in names[len(args) :]]
+    return values[0], values[1], values[2]
 
 
 def _implements(check: AuditCallback, name: str) -> bool:

@@ -23,6 +23,7 @@ import torch
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
 from grad_callbacks.callbacks.recompute import training_step_compiled
 from grad_callbacks.core.grad_stats import GradSanityMonitor, GroupSummary, HostCopy, LocalGradProbe
+from grad_callbacks.core.sentinel import NonFinite
 from grad_callbacks.findings import CODES, make_finding, name_list
 
 # Steps whose gradient norms may wait on the device for a scheduled read (a row of floats per
@@ -113,6 +114,11 @@ class GradientSanityCheck(AuditCallback):
         self._untraced = False
         self._probe_seconds = 0.0  # of probes released
         self._gaps = 0  # times the check stopped watching (windows under a budget)
+        #: Where GradientAudit's sentinel first saw a NaN/Inf (None: it saw none); the check
+        #: then reads at every step it watches until it has reported it.
+        self.first_nonfinite: NonFinite | None = None
+        self._nonfinite_reported = False
+        self._batch_at: dict[int, int] = {}  # step -> batch_idx of recently observed steps
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "patience": self.patience}
@@ -155,6 +161,15 @@ class GradientSanityCheck(AuditCallback):
                 [p for opt in self._optimizers for p in _optimizer_params(opt)],
                 untraced=self._untraced,
             )
+
+    def nonfinite_seen(self, where: NonFinite) -> None:
+        """A sentinel saw a NaN/Inf loss or gradient first at ``where``: read what was gathered
+        now, and from here on at every watched step, so that the finding (naming that first
+        step) comes at once."""
+        if self.first_nonfinite is None:
+            self.first_nonfinite = where
+        with self.timed(), self.guarded("reading the gradient statistics"):
+            self._flush()
 
     def start_watching(self) -> None:
         super().start_watching()
@@ -258,7 +273,12 @@ class GradientSanityCheck(AuditCallback):
             norm_fn=self.norm_fn,
         )
         self.steps_checked += 1
-        if self.current_step % self.every_n_steps == 0:
+        self._batch_at[self.current_step] = trainer.fit_loop.epoch_loop.batch_idx
+        if len(self._batch_at) > 4 * _MAX_PENDING_STEPS:
+            del self._batch_at[next(iter(self._batch_at))]
+        if self.first_nonfinite is not None and not self._nonfinite_reported:
+            self._submit()  # a sentinel saw a NaN/Inf: report it at once
+        elif self.current_step % self.every_n_steps == 0:
             self._submit(wait=self.on_finding == "raise")
         elif self._monitor.pending_steps >= _MAX_PENDING_STEPS:
             self._submit()  # bounds device memory; on CUDA the copy does not wait
@@ -324,19 +344,38 @@ class GradientSanityCheck(AuditCallback):
         )
         if s.nonfinite:
             where = " (this process's local gradients, before DDP averaging)" if local else ""
+            step = s.nonfinite_step
+            batch_idx = self._batch_at.get(step)
+            data: dict[str, Any] = {
+                "optimizer": s.group,
+                "local": local,
+                "sampled": bool(self._gaps),
+                "first_batch_idx": batch_idx,
+            }
+            first = self.first_nonfinite
+            if first is not None and first.step <= step:
+                # The sentinel saw it before this check watched a step with it.
+                sampled = (
+                    f" It first showed in the {first.source} at step {first.step} "
+                    f"(batch_idx {first.batch_idx}), seen by GradientAudit's always-on check "
+                    f"of losses and gradients; these parameters are those of step {step}."
+                )
+                data.update(first_batch_idx=first.batch_idx, first_seen_in=first.source)
+                step, batch_idx = first.step, first.batch_idx
+            self._nonfinite_reported = True
             self.report(
                 make_finding(
                     "nonfinite-grad",
                     check=self.check_name,
-                    step=s.nonfinite_step,
+                    step=step,
                     params=s.nonfinite,
                     message=(
                         f"NaN/Inf gradients{where} at a step of {opt}, first at step "
-                        f"{s.nonfinite_step}, in {len(s.nonfinite)} parameter(s): "
+                        f"{step} (batch_idx {batch_idx}), in {len(s.nonfinite)} parameter(s): "
                         f"{name_list(s.nonfinite)}. No GradScaler guards this step, so the "
                         f"optimizer applies them.{sampled} Fix: {CODES['nonfinite-grad'].fix}."
                     ),
-                    data={"optimizer": s.group, "local": local, "sampled": bool(self._gaps)},
+                    data=data,
                 )
             )
         if s.missing:

@@ -33,6 +33,8 @@ class OverheadBudget:
         min_spare: the least share of the budget left to scheduled work when the fixed cost
             takes all of it (so that their intervals stay finite; the overhead then exceeds
             ``max_overhead``, and :attr:`overhead` says so).
+        steady_from: the first step of the steady state (:attr:`steady_overhead`); the checks'
+            time in the first step is the one-time audit (:attr:`one_time_seconds`).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class OverheadBudget:
         smoothing: float = 0.1,
         max_interval: int = 100_000,
         min_spare: float = 0.1,
+        steady_from: int = 100,
     ) -> None:
         if not 0 < max_overhead < 1:
             raise ValueError(f"max_overhead must be in (0, 1), got {max_overhead!r}")
@@ -54,17 +57,34 @@ class OverheadBudget:
         self.train_seconds = 0.0
         self.check_seconds = 0.0
         self.steps = 0
+        self.steady_from = steady_from
+        #: The checks' time in the first step (and the batches marked ``one_time``): the
+        #: one-time audit of the first batch.
+        self.one_time_seconds = 0.0
+        #: The checks' and the training time from step ``steady_from`` on.
+        self.steady_check_seconds = 0.0
+        self.steady_train_seconds = 0.0
 
     def record_step(
-        self, train_seconds: float, check_seconds: float, scheduled_seconds: float = 0.0
+        self,
+        train_seconds: float,
+        check_seconds: float,
+        scheduled_seconds: float = 0.0,
+        one_time: bool = False,
     ) -> None:
         """One training batch: its wall time without the checks, the checks' time in it, and
-        the part of that spent on scheduled work (the rest is the fixed cost)."""
+        the part of that spent on scheduled work (the rest is the fixed cost). ``one_time``
+        marks a batch of the one-time audit (the first is one in any case)."""
         train_seconds = max(train_seconds, 0.0)
         check_seconds = max(check_seconds, 0.0)
         fixed = max(check_seconds - max(scheduled_seconds, 0.0), 0.0)
         self.train_seconds += train_seconds
         self.check_seconds += check_seconds
+        if one_time or self.steps == 0:
+            self.one_time_seconds += check_seconds
+        if self.steps >= self.steady_from:
+            self.steady_train_seconds += train_seconds
+            self.steady_check_seconds += check_seconds
         self.steps += 1
         if self.step_seconds is None:
             self.step_seconds, self.fixed_seconds = train_seconds, fixed
@@ -76,6 +96,19 @@ class OverheadBudget:
     def overhead(self) -> float:
         """The checks' time so far as a share of the training time (0 before any step)."""
         return self.check_seconds / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def steady_overhead(self) -> float | None:
+        """The checks' time from step ``steady_from`` on as a share of the training time then
+        (None before that step)."""
+        if self.steady_train_seconds <= 0:
+            return None
+        return self.steady_check_seconds / self.steady_train_seconds
+
+    @property
+    def one_time_steps(self) -> float:
+        """The one-time audit's cost in training steps (of the running step-time estimate)."""
+        return self.one_time_seconds / self.step_seconds if self.step_seconds else 0.0
 
     def interval(self, run_seconds: float, share: float) -> int:
         """Steps to wait after a run that took ``run_seconds``, for a check given ``share`` of
@@ -96,14 +129,19 @@ class WatchWindows:
 
     The first window opens at the first batch. When a window closes, the next one opens once
     :meth:`OverheadBudget.interval` batches (for the window's measured cost and the checks'
-    share of the budget) have passed since the previous one opened, at the first batch where
-    a window may open (an accumulation boundary). When that interval is no longer than a
-    window, windows follow each other and every batch is watched.
+    share of the budget) have passed since the previous one opened, but never more than
+    ``max_gap`` (which bounds how long a bug that starts in a gap goes unseen), at the first
+    batch where a window may open (an accumulation boundary). When that interval is no longer
+    than a window, windows follow each other and every batch is watched. :meth:`request` opens
+    a window at the next batch where one may open (a sentinel saw something).
 
     Args:
         budget: the overhead budget; None watches every batch.
         share: the share of the budget given to the watching checks.
         length: batches per window.
+        max_gap: the most batches from one window's opening to the next's (None: no bound).
+        first_length: batches in the first window, when longer than ``length`` (a bug present
+            from the start is seen over more steps at once).
 
     Example:
         >>> budget = OverheadBudget(max_overhead=0.03)
@@ -118,12 +156,24 @@ class WatchWindows:
         [0, 1, 4, 5, 8, 9]
     """
 
-    def __init__(self, budget: OverheadBudget | None, share: float, length: int) -> None:
+    def __init__(
+        self,
+        budget: OverheadBudget | None,
+        share: float,
+        length: int,
+        max_gap: int | None = None,
+        first_length: int = 0,
+    ) -> None:
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         self.budget = budget
         self.share = share
         self.length = length
+        self.max_gap = max_gap
+        self.first_length = first_length
+        #: Windows asked for by :meth:`request`.
+        self.requested = 0
+        self._wanted = False
         self._opened_at: int | None = None
         self._spent_at_open = 0.0
         self._next_open = 0
@@ -141,17 +191,30 @@ class WatchWindows:
         batch = self.batches
         self.batches += 1
         if self._opened_at is not None:
-            if batch < self._opened_at + self.length:
+            length = self.length
+            if self._opened_at == 0:
+                length = max(length, self.first_length)
+            if batch < self._opened_at + length:
                 self.watched += 1
                 return True
-            gap = self.gap(spent - self._spent_at_open)
-            self._next_open = self._opened_at + max(gap, self.length)
+            gap = max(self.gap(spent - self._spent_at_open), length)
+            if self.max_gap is not None:
+                gap = min(gap, max(self.max_gap, length))
+            self._next_open = batch if self._wanted else self._opened_at + gap
             self._opened_at = None
-        if batch >= self._next_open and may_open:
+        if (batch >= self._next_open or self._wanted) and may_open:
             self._opened_at, self._spent_at_open = batch, spent
+            self._wanted = False
             self.watched += 1
             return True
         return False
+
+    def request(self) -> None:
+        """Open a window at the next batch where one may open (or, if one is open, another
+        right after it)."""
+        if not self._wanted:
+            self._wanted = True
+            self.requested += 1
 
     def gap(self, window_seconds: float) -> int:
         """Batches from the opening of a window that cost ``window_seconds`` to the next."""

@@ -16,7 +16,8 @@ def _train(callback: object) -> tuple[zoo.RecordingLogger, int]:
 
 
 def test_sanity_and_monitor_share_one_pass_of_gradient_norms_per_step() -> None:
-    audit = GradientAudit([GradientSanityCheck, GradientMonitor], every_n_steps=1)
+    checks = [GradientSanityCheck, GradientMonitor]
+    audit = GradientAudit(checks, every_n_steps=1, max_overhead=None)  # every step watched
     _, steps = _train(audit)
     assert audit.checks[0].steps_checked == audit.checks[1].steps_checked == steps
     assert audit._norm_cache.computed == steps  # not 2 per step: one for each check

@@ -114,7 +114,12 @@ def test_one_bad_sample_gives_nonfinite_grad_at_its_step() -> None:
     assert finding.severity == "error"
     assert finding.params == z4.ALL_MLP_PARAMS
     assert finding.step == 2
-    assert finding.data == {"optimizer": 0, "local": False, "sampled": False}
+    assert finding.data == {
+        "optimizer": 0,
+        "local": False,
+        "sampled": False,
+        "first_batch_idx": 2,
+    }
 
 
 def test_bf16_has_no_scaler_so_nonfinite_is_reported() -> None:

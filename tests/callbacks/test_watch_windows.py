@@ -37,20 +37,26 @@ class FixedWindows(WatchWindows):
     def gap(self, window_seconds: float) -> int:
         return PERIOD
 
+    def request(self) -> None:
+        """No extra windows (the sentinels' are tested in test_latency.py)."""
+
 
 def _audit(**kwargs: Any) -> GradientAudit:
     audit = GradientAudit(checks=[ZeroGradCheck, GradientSanityCheck], **kwargs)
-    audit.watch_windows = FixedWindows(None, share=1.0, length=1)  # length set at train start
+    # length and max_gap are set at train start; max_gap no shorter than PERIOD here
+    audit.watch_windows = FixedWindows(None, share=1.0, length=1)
     return audit
 
 
 def _watched(length: int, batches: int = BATCHES, accumulate: int = 1) -> list[int]:
-    """The batches FixedWindows watches when windows open at accumulation boundaries."""
+    """The batches FixedWindows watches when windows open at accumulation boundaries (the
+    first window lasts 8 steps)."""
     out: list[int] = []
     start = 0
     while start < batches:
-        out += range(start, min(start + length, batches))
-        start += max(PERIOD, length)
+        n = max(length, 8 * accumulate) if start == 0 else length
+        out += range(start, min(start + n, batches))
+        start += max(PERIOD, n)
         start += -start % accumulate
     return out
 
@@ -126,8 +132,8 @@ class ZeroGradUntil(zoo.ManualMLP):
 @pytest.mark.parametrize(
     ("broken_from", "first_step"),
     [
-        (3, 4),  # inside the first window: caught at the next step
-        (33, 34),  # inside the second window (batches 31-38)
+        (3, 4),  # inside the first window (batches 0-7): caught at the next step
+        (33, 34),  # inside the second window (batches 31-34)
         (45, 63),  # in a gap: the window from 62 judges its second step
     ],
 )
@@ -136,7 +142,7 @@ def test_missing_zero_grad_is_caught_in_the_next_window(broken_from: int, first_
     zoo.fit(ZeroGradUntil(broken_from), [audit], data=_data())
     (finding,) = [f for f in audit.findings if f.code == "missing-zero-grad"]
     assert finding.step == first_step
-    assert _watched(8).count(first_step) == 1
+    assert _watched(4).count(first_step) == 1
 
 
 class NaNFrom(zoo.MLP):
@@ -151,13 +157,16 @@ class NaNFrom(zoo.MLP):
         return loss * float("nan") if batch_idx >= self.bad_from else loss
 
 
-def test_nonfinite_gradients_from_a_gap_are_reported_at_the_next_watched_step() -> None:
+def test_nonfinite_gradients_from_a_gap_are_reported_naming_their_first_step() -> None:
     audit = _audit(on_finding="log")
     zoo.fit(NaNFrom(45), [audit], data=_data())
     (finding,) = [f for f in audit.findings if f.code == "nonfinite-grad"]
-    assert finding.step == 62
+    # GradientAudit's always-on sentinel saw the loss go NaN at batch 45; the parameters are
+    # those of the first watched step (62, with no extra window here)
+    assert finding.step == 45
+    assert finding.data["first_batch_idx"] == 45 and finding.data["first_seen_in"] == "loss"
     assert finding.data["sampled"] is True
-    assert "first watched step" in finding.message
+    assert "step 45 (batch_idx 45)" in finding.message
 
 
 class DetachedFrom(zoo.MLP):
@@ -204,9 +213,34 @@ def test_the_report_states_the_share_of_batches_watched(tmp_path: Path) -> None:
     zoo.fit(zoo.MLP(), [audit], data=_data(), default_root_dir=str(tmp_path))
     report = json.loads((tmp_path / "grad_audit.json").read_text())
     overhead = report["overhead"]
-    assert overhead["watched_share"] == pytest.approx(len(_watched(8)) / BATCHES)
-    assert overhead["watch_window_batches"] == 8
+    assert overhead["watched_share"] == pytest.approx(len(_watched(4)) / BATCHES, abs=1e-6)
+    assert overhead["watch_window_batches"] == 4
     assert 0 < overhead["measured"]
+
+
+def test_the_report_states_one_time_and_steady_cost_and_the_bounds(tmp_path: Path) -> None:
+    audit = GradientAudit(on_finding="log")
+    assert audit.budget is not None
+    audit.budget.steady_from = 20
+    zoo.fit(zoo.MLP(), [audit], data=_data(), default_root_dir=str(tmp_path))
+    overhead = json.loads((tmp_path / "grad_audit.json").read_text())["overhead"]
+    one, steady = overhead["one_time"], overhead["steady_state"]
+    # the first batch carries the first runs of the expensive checks: it is the one-time part
+    assert 0 < one["seconds"] <= overhead["check_seconds"]
+    assert one["training_steps"] > 0
+    assert steady["from_step"] == 20 and steady["steps"] == BATCHES - 20
+    assert steady["measured"] == pytest.approx(
+        steady["check_seconds"] / steady["train_seconds"], rel=1e-3
+    )
+    assert steady["check_seconds"] + one["seconds"] <= overhead["check_seconds"] + 1e-6
+    assert overhead["latency_bounds_steps"] == {
+        "nonfinite-grad": 10,
+        "missing-zero-grad": 50,
+        "gradient-leak": 50,
+        "stale-grad": 50,
+        "missing-grad": 50,
+    }
+    assert overhead["max_window_gap_batches"] == 40
 
 
 def test_no_windows_under_raise_or_without_a_budget() -> None:
@@ -221,10 +255,10 @@ def test_no_windows_under_raise_or_without_a_budget() -> None:
 
 def test_a_checkpoint_saved_in_a_gap_does_not_carry_streaks_over_it() -> None:
     audit = _audit(on_finding="log")
-    zoo.fit(DetachedFrom(68), [audit], data=_data())  # batches 68, 69 watched; 70, 71 not
+    zoo.fit(DetachedFrom(64), [audit], data=_data())  # batches 64, 65 watched; 66-71 not
     sanity = audit.checks[1]
     assert isinstance(sanity, GradientSanityCheck) and not sanity.watching
-    assert sanity._monitor is not None and sanity._monitor.streaks()  # a streak of 2 at 69
+    assert sanity._monitor is not None and sanity._monitor.streaks()  # a streak of 2 at 65
     assert sanity.extra_state()["streaks"] == []
 
 
@@ -258,7 +292,7 @@ def test_a_watching_check_that_raises_turns_the_windows_off() -> None:
 
 
 def test_windows_follow_a_gradient_accumulation_scheduler() -> None:
-    """accumulate_grad_batches goes from 1 to 2 at epoch 1: windows then last 16 batches and
+    """accumulate_grad_batches goes from 1 to 2 at epoch 1: windows then last 8 batches and
     open at even batches, so no window's first step sees half an accumulation window."""
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
@@ -266,7 +300,7 @@ def test_windows_follow_a_gradient_accumulation_scheduler() -> None:
     scheduler = GradientAccumulationScheduler(scheduling={1: 2})
     zoo.fit(zoo.MLP(), [scheduler, audit], data=zoo.regression_data(n=4 * 41), max_epochs=2)
     windows = audit.watch_windows
-    assert windows is not None and windows.length == 16
+    assert windows is not None and windows.length == 8
     # the third window would open at epoch 1's batch 21, and waits for batch 22
     assert audit.findings == []
 

@@ -191,14 +191,14 @@ def test_two_instances_have_distinct_state_keys() -> None:
     assert ZeroGradCheck(every_n_steps=1).state_key != ZeroGradCheck(every_n_steps=5).state_key
 
 
-def test_gradient_audit_reads_sanity_every_50_steps_unless_told_or_raising() -> None:
+def test_gradient_audit_reads_sanity_every_20_steps_unless_told_or_raising() -> None:
     from grad_callbacks import GradientSanityCheck
 
     def sanity(audit: GradientAudit) -> GradientSanityCheck:
         (check,) = [c for c in audit.checks if isinstance(c, GradientSanityCheck)]
         return check
 
-    assert sanity(GradientAudit()).every_n_steps == 50
+    assert sanity(GradientAudit()).every_n_steps == 20
     assert sanity(GradientAudit(every_n_steps=3)).every_n_steps == 3
     assert sanity(GradientAudit(on_finding="raise")).every_n_steps == 1
 

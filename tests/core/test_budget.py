@@ -81,3 +81,32 @@ def test_cheap_watching_watches_every_batch_and_windows_open_only_where_allowed(
     assert opened == [0, 6, 12, 18, 24]
     assert all(b % 2 == 0 for b in opened)
     assert WatchWindows(None, share=1.0, length=2).watch(0.0)
+
+
+def test_windows_open_at_least_every_max_gap_batches_and_on_request() -> None:
+    budget = OverheadBudget(max_overhead=0.03)
+    budget.record_step(train_seconds=0.001, check_seconds=0.0)
+    windows = WatchWindows(budget, share=0.4, length=3, max_gap=10)
+    spent, watched = 0.0, []
+    for batch in range(40):
+        if batch == 25:
+            windows.request()
+        watched.append(windows.watch(spent))
+        spent += 0.01 if watched[-1] else 0.0  # far over the budget: the gap would be huge
+    # every 10 batches (max_gap), and a window asked for at batch 25
+    expected = [0, 1, 2, 10, 11, 12, 20, 21, 22, 25, 26, 27, 35, 36, 37]
+    assert [b for b, w in enumerate(watched) if w] == expected
+    assert windows.requested == 1
+
+
+def test_one_time_and_steady_state_are_apart() -> None:
+    budget = OverheadBudget(max_overhead=0.03, steady_from=2)
+    budget.record_step(train_seconds=0.010, check_seconds=0.050)  # the first-batch audit
+    budget.record_step(train_seconds=0.010, check_seconds=0.001)
+    assert budget.steady_overhead is None
+    for _ in range(3):
+        budget.record_step(train_seconds=0.010, check_seconds=0.0002)
+    assert budget.one_time_seconds == 0.050
+    assert budget.one_time_steps == pytest.approx(5.0)
+    assert budget.steady_overhead == pytest.approx(0.02)
+    assert budget.overhead == pytest.approx(0.0516 / 0.05)

@@ -83,7 +83,11 @@ def test_custom_scalars_layout(broken_run: Any) -> None:
     # the charts of every check that logs scalars (AutogradCheck logs none: no empty chart)
     expected = {title for c in [*audit.checks, audit] for title in c.scalar_charts()}
     assert set(charts) == expected
-    assert charts["Audit overhead"] == ["grad_audit/audit/overhead"]
+    assert charts["Audit overhead"] == [
+        "grad_audit/audit/overhead",
+        "grad_audit/audit/steady_overhead",
+        "grad_audit/audit/watched_share",
+    ]
     assert "AutogradCheck" not in charts and "Gradient norms" in charts
 
 
