@@ -313,7 +313,8 @@ def test_watching_checks_log_a_scalar_at_every_step_they_check() -> None:
     zoo.fit(zoo.MLP(), [audit], data=_data(), logger=logger, log_every_n_steps=50)
     zero_grad, sanity = audit.checks
     watched = _watched(audit.watch_windows.length)
-    assert len(watched) == zero_grad.steps_checked == sanity.steps_checked > 2 * 8
+    # more than the first window (8 steps; later windows watch 4)
+    assert len(watched) == zero_grad.steps_checked == sanity.steps_checked > 8
 
     def steps(tag: str) -> list[int]:
         return sorted(s for s, m in logger.metrics.items() if tag in m)
