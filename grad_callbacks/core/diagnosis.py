@@ -12,7 +12,8 @@ Thresholds (documented in the checks' docs):
   a scale;
 * a sample is an outlier when its gradient norm is at least ``factor`` times the median norm of
   the batch *and* it carries at least ``share`` of the batch's summed squared norms (it dominates
-  the batch); natural spread in a well-trained model does not meet both.
+  the batch), *and* it is at least the run's typical per-sample norm (a converged batch's median
+  is near zero); natural spread in a well-trained model does not meet all three.
 
 Example:
     >>> classify_scale(scale=16.02, residual=1e-7, n=16)
@@ -23,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -68,21 +70,46 @@ class SampleVerdict:
     nonfinite: tuple[int, ...]
     outliers: tuple[int, ...]
     norm_quantiles: tuple[float, float, float]  # median, 90th percentile, max (finite samples)
-    outlier_ratio: float  # largest norm / median norm
+    outlier_ratio: float  # largest norm / the reference norm (NaN when the reference is 0)
+    reference: float = float("nan")  # the typical per-sample norm the largest was judged against
+    run_scale: float = 0.0  # the run's typical per-sample norm that entered the reference
 
 
 def judge_samples(
-    sq_norms: Tensor, nonfinite: Tensor, *, factor: float = 10.0, share: float = 0.5
+    sq_norms: Tensor,
+    nonfinite: Tensor,
+    *,
+    factor: float = 10.0,
+    share: float = 0.5,
+    run_scale: float = 0.0,
 ) -> SampleVerdict:
-    """Non-finite samples and dominating outliers from per-sample squared gradient norms."""
+    """Non-finite samples and dominating outliers from per-sample squared gradient norms.
+
+    A sample is an outlier when it dominates its batch (its norm is at least ``factor`` times the
+    batch's median norm and ``factor`` times the root-mean-square of the other samples' norms,
+    and it carries at least ``share`` of the batch's squared norms) *and* its norm is at least
+    ``run_scale``, the run's typical per-sample norm (see :class:`RunNormScale`). The last
+    condition keeps a converged batch (nearly every sample fitted, norms near zero) from making
+    the one sample still being fitted a 10^11-fold "outlier": that sample's gradient is smaller
+    than what any sample had early in the run. ``outlier_ratio`` is the largest norm over the
+    larger of the median and ``run_scale``, a ratio to a scale that does not vanish.
+
+    Example:
+        >>> import torch
+        >>> sq = torch.tensor([1e-24] * 15 + [1e-4])   # converged: one sample left to fit
+        >>> judge_samples(sq, torch.zeros(16, dtype=torch.bool)).outliers
+        (15,)
+        >>> judge_samples(sq, torch.zeros(16, dtype=torch.bool), run_scale=0.5).outliers
+        ()
+    """
     bad = torch.nonzero(nonfinite).flatten().tolist()
     finite_sq = sq_norms[~nonfinite].double()
     if finite_sq.numel() == 0:
         return SampleVerdict(tuple(bad), (), (float("nan"),) * 3, float("nan"))
     norms = finite_sq.sqrt()
-    median = norms.median()
     q = torch.quantile(norms, torch.tensor([0.5, 0.9, 1.0], dtype=norms.dtype)).tolist()
-    ratio = float(norms.max() / median) if median > 0 else float("inf")
+    reference = max(q[0], run_scale)
+    ratio = q[2] / reference if reference > 0 else float("nan")
     outliers: list[int] = []
     if finite_sq.numel() >= MIN_OUTLIER_SAMPLES:
         total = finite_sq.sum()
@@ -90,14 +117,42 @@ def judge_samples(
         # root-mean-square of the *other* samples is not.
         rms_others = ((total - finite_sq) / (finite_sq.numel() - 1)).sqrt()
         dominating = (
-            (norms >= factor * median)
+            (norms >= factor * q[0])
             & (norms >= factor * rms_others)
             & (finite_sq >= share * total)
+            & (norms >= run_scale)
             & (total > 0)
         )
         finite_index = torch.nonzero(~nonfinite).flatten()
         outliers = finite_index[dominating].tolist()
-    return SampleVerdict(tuple(bad), tuple(outliers), (q[0], q[1], q[2]), ratio)
+    return SampleVerdict(
+        tuple(bad), tuple(outliers), (q[0], q[1], q[2]), ratio, reference, run_scale
+    )
+
+
+@dataclass
+class RunNormScale:
+    """The run's typical per-sample gradient norm: the largest batch median norm seen so far.
+
+    A batch's median is robust to one bad sample, so an early corrupted sample does not raise it.
+    It never decays: per-sample gradients shrink as a run converges, and a scale that followed
+    them down would make the one sample still being fitted look like an outlier (its norm over
+    a median of near-zero gradients is astronomic, and means nothing).
+
+    Example:
+        >>> scale = RunNormScale()
+        >>> for median in (0.5, 0.8, 1e-6):
+        ...     scale.observe(median)
+        >>> scale.value
+        0.8
+    """
+
+    value: float = 0.0
+
+    def observe(self, median: float) -> None:
+        """Take one checked batch's median per-sample norm into account."""
+        if math.isfinite(median):
+            self.value = max(self.value, median)
 
 
 def relative_error(seen: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> Tensor:

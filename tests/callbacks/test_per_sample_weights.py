@@ -207,3 +207,14 @@ def test_summed_gpt2_token_loss_is_reduction_sum() -> None:
     (finding,) = check.findings
     assert finding.code == "reduction-sum"
     assert finding.data["scale"] == pytest.approx(8.0, rel=1e-3)
+
+
+def test_run_scale_and_token_weighting_are_checkpointed() -> None:
+    check = _fit_window(zoo_real.TokenLM("mean"), CLASSIC)
+    extra = check.state_dict()["extra"]
+    assert extra["norm_scale"] > 0
+    assert extra["own_count"] == {"path": ["labels"], "rule": "non-ignored", "shift": False}
+    fresh = _check()
+    fresh.load_state_dict(check.state_dict())
+    assert fresh._norm_scale.value == extra["norm_scale"]
+    assert fresh._own_count == check._own_count

@@ -25,6 +25,7 @@ express; manual optimization needs it, since its ``training_step`` steps the opt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,6 +63,7 @@ from grad_callbacks.callbacks.recompute import (
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.diagnosis import (
     MISMATCH_TOL,
+    RunNormScale,
     coupling_tolerance,
     judge_samples,
     relative_error,
@@ -153,6 +155,9 @@ class PerSampleGradientCheck(AuditCallback):
         # accumulation-weighting check of windows whose last micro-batch has equal counts.
         self._own_count: Weighting | None = None
         self._reduction_now: Reduction | None = None
+        # The run's typical per-sample norm: outliers are judged against it once a converged
+        # batch's median has fallen to near zero.
+        self._norm_scale = RunNormScale()
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -165,6 +170,22 @@ class PerSampleGradientCheck(AuditCallback):
             "check_optimizer_grad": self.check_optimizer_grad,
             **({"recompute": False} if not self.recompute else {}),
         }
+
+    def extra_state(self) -> dict[str, Any]:
+        own = self._own_count
+        return {
+            "norm_scale": self._norm_scale.value,
+            "own_count": None
+            if own is None
+            else {"path": list(own.path), "rule": own.rule, "shift": own.shift},
+        }
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._norm_scale = RunNormScale(float(state.get("norm_scale", 0.0)))
+        own = state.get("own_count")
+        self._own_count = (
+            None if own is None else Weighting(tuple(own["path"]), own["rule"], own["shift"])
+        )
 
     def report_entry(self) -> dict[str, Any]:
         entry = super().report_entry()
@@ -345,8 +366,13 @@ class PerSampleGradientCheck(AuditCallback):
         step, n, micro = self.current_step, comparison.n, comparison.micro
         stats, fit = measured.stats, measured.fit
         samples = judge_samples(
-            stats.sq_norms, stats.nonfinite, factor=self.outlier_factor, share=self.outlier_share
+            stats.sq_norms,
+            stats.nonfinite,
+            factor=self.outlier_factor,
+            share=self.outlier_share,
+            run_scale=self._norm_scale.value,
         )
+        self._norm_scale.observe(samples.norm_quantiles[0])
         scale, residual, cosine = (float(v) for v in (fit.scale, fit.residual, fit.cosine))
         scalars = {
             "samples": n,

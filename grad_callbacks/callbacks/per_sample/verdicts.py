@@ -61,19 +61,29 @@ def sample_findings(
         ]
     if samples.outliers:
         idx = list(samples.outliers)
+        ratio = samples.outlier_ratio
+        times = f"{ratio:.3g}x" if math.isfinite(ratio) else "far above"
         return [
             make_finding(
                 "per-sample-outlier",
                 check=CHECK,
                 step=step,
                 message=(
-                    f"sample(s) {idx} of batch_idx {batch_idx} dominate the batch: "
-                    f"gradient norm {samples.outlier_ratio:.1f}x the median of the "
-                    f"{_of(n, size)} compared (threshold {outlier_factor}x and "
-                    f"{outlier_share:.0%} of the squared norms). "
-                    f"Fix: {CODES['per-sample-outlier'].fix}."
+                    f"sample(s) {idx} of batch_idx {batch_idx} dominate the batch: gradient "
+                    f"norm {samples.norm_quantiles[2]:.3g}, {times} the typical per-sample norm "
+                    f"{_finite(samples.reference)} (the larger of the median of the "
+                    f"{_of(n, size)} compared, {_finite(samples.norm_quantiles[0])}, and the "
+                    f"run's typical per-sample norm, {samples.run_scale:.3g}; thresholds "
+                    f"{outlier_factor}x the median and {outlier_share:.0%} of the squared "
+                    f"norms). Fix: {CODES['per-sample-outlier'].fix}."
                 ),
-                data={"indices": idx, "ratio": samples.outlier_ratio, "samples": n},
+                data={
+                    "indices": idx,
+                    "ratio": ratio if math.isfinite(ratio) else None,
+                    "reference": samples.reference,
+                    "run_scale": samples.run_scale,
+                    "samples": n,
+                },
             )
         ]
     return []
