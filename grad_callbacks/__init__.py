@@ -16,6 +16,7 @@ from grad_callbacks.callbacks import (
     GradientMonitor,
     GradientSanityCheck,
     PerSampleGradientCheck,
+    RankSyncCheck,
     ZeroGradCheck,
 )
 from grad_callbacks.findings import (
@@ -40,6 +41,7 @@ __all__ = [
     "GradientMonitor",
     "GradientSanityCheck",
     "PerSampleGradientCheck",
+    "RankSyncCheck",
     "Severity",
     "ZeroGradCheck",
     "__version__",

@@ -162,6 +162,17 @@ CODES: dict[str, CodeInfo] = dict(
             "fix the backward() of the custom autograd.Function named",
         ),
         _code(
+            "rank-desync",
+            "error",
+            "with more than one data-parallel rank, a gradient the optimizer steps on (after the "
+            "reduction) or a parameter after the step differs between ranks: the replicas train "
+            "different models; parameters, ranks and likely cause named",
+            "see the likely cause in the message: parameters unfrozen or created after DDP "
+            "wrapped the model (freeze with a zero learning rate instead, create parameters "
+            "before fit), no_sync() left on for the micro-batch that steps, per-rank gradient "
+            "edits after the reduction, or a faulty interconnect",
+        ),
+        _code(
             "check-skipped",
             "info",
             "a check could not run on this model or batch; the reason is in the message; "

@@ -6,6 +6,7 @@ from grad_callbacks.callbacks.base import AuditCallback
 from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
+from grad_callbacks.callbacks.rank_sync import RankSyncCheck
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 
@@ -17,5 +18,6 @@ __all__ = [
     "GradientMonitor",
     "GradientSanityCheck",
     "PerSampleGradientCheck",
+    "RankSyncCheck",
     "ZeroGradCheck",
 ]

@@ -10,6 +10,7 @@ Example:
     GradientSanityCheck
     AutogradCheck
     GradientMonitor
+    RankSyncCheck
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from grad_callbacks.callbacks.base import (
 from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
+from grad_callbacks.callbacks.rank_sync import RankSyncCheck
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 from grad_callbacks.core.budget import OverheadBudget, WatchWindows
@@ -47,6 +49,7 @@ DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (
     GradientSanityCheck,
     AutogradCheck,
     GradientMonitor,
+    RankSyncCheck,  # only with several data-parallel ranks
 )
 
 # Hooks the base class implements itself: it runs them after the checks have run theirs.
