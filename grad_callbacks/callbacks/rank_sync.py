@@ -448,9 +448,9 @@ class RankSyncCheck(AuditCallback):
         if any(synced is False for _, _, synced in taken.values()):
             return "no-sync"
         if self._reduced is not None:
-            differing = {id(params[r.index]) for r in result.rows if r.grad_ranks}
-            with_grads = {id(q) for q in params if id(q) in self._reduced and q.grad is not None}
-            if with_grads and with_grads <= differing:
+            # Every gradient DDP reduces differs: no all-reduce happened at all.
+            reduced = {i for i in result.with_grad if id(params[i]) in self._reduced}
+            if reduced and reduced <= {r.index for r in result.rows if r.grad_ranks}:
                 return "no-reduction"
         return "edited-after-reduction"
 

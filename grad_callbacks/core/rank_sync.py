@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grad_callbacks.core.fingerprint import fingerprints
+from grad_callbacks.core.fingerprint import MISSING, fingerprints
 
 #: Header entries: the layout hash (parameter names, shapes, dtypes), the number of rows, the
 #: optimizer step, and an error flag (the rank could not fingerprint its tensors).
@@ -174,12 +174,14 @@ class Comparison:
             rank 0's (rows are then not compared).
         step_ranks: ranks whose optimizer step number differs from rank 0's.
         rows: the differing rows.
+        with_grad: the rows whose parameter had a gradient at the step on rank 0.
     """
 
     error_ranks: tuple[int, ...] = ()
     layout_ranks: tuple[int, ...] = ()
     step_ranks: tuple[int, ...] = ()
     rows: tuple[RowDifference, ...] = field(default_factory=tuple)
+    with_grad: frozenset[int] = frozenset()
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -229,7 +231,10 @@ def compare(gathered: torch.Tensor, capacity: int) -> Comparison:
                 param_gap=_gap(norms[:, i, 1], param_ranks),
             )
         )
-    return Comparison(step_ranks=steps, rows=tuple(rows))
+    present = ((prints[0, :, 0] != MISSING) & (prints[0, :, 0] != NOT_STEPPED)).nonzero()
+    return Comparison(
+        step_ranks=steps, rows=tuple(rows), with_grad=frozenset(present.flatten().tolist())
+    )
 
 
 def _gap(norms: torch.Tensor, ranks: Sequence[int]) -> float:

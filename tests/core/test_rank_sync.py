@@ -84,6 +84,7 @@ def test_a_parameter_that_differs_on_one_rank_is_named_with_its_rank() -> None:
     assert by_index[0].grad_ranks == (2,) and by_index[0].param_ranks == ()
     assert by_index[0].grad_gap > 0
     assert result.ranks == (1, 2)
+    assert result.with_grad == {0, 1}  # the third parameter had no gradient
 
 
 def test_an_optimizer_that_stepped_on_some_ranks_only() -> None:

@@ -63,7 +63,7 @@ def test_planted_desyncs_found_under_the_default_audit(tmp_path: Path) -> None:
     assert entry["checked_steps"] == [0, 1, 16]
     assert entry["steps_checked"] == 3
     # TensorBoard (rank 0): how many parameters differ, and how far apart, at each checked step.
-    events = EventAccumulator(str(tmp_path / "tb"))
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"))
     events.Reload()
     scalars = {
         tag: {e.step: e.value for e in events.Scalars(f"grad_audit/rank_sync/{tag}")}
