@@ -156,6 +156,17 @@ class RankSyncCheck(AuditCallback):
 
     check_name = "RankSyncCheck"
     metric_prefix = "rank_sync"
+    live_attributes = (
+        "_optimizers",
+        "_handles",
+        "_taken",
+        "_module",
+        "_ddp",
+        "_wrapped",
+        "_reduced",
+        "_layout_key",
+        "_layout",
+    )
 
     def __init__(
         self, *, every_n_steps: int = 16, first_steps: int = 2, on_finding: OnFinding = "warn"
@@ -179,7 +190,7 @@ class RankSyncCheck(AuditCallback):
         self._ddp: Any = None
         self._synced_backward: bool | None = None
         self._layout_key: tuple[int, ...] = ()
-        self._layout: tuple[int, list[torch.Tensor], list[str]] = (0, [], [])
+        self._layout: tuple[int, list[torch.Tensor], list[str]] | None = None
         self._reported: set[str] = set()
         self._checked: list[int] = []
         self._hook_seconds = 0.0
@@ -284,7 +295,7 @@ class RankSyncCheck(AuditCallback):
         super().teardown(trainer, pl_module, stage)
         self._module = None
         self._ddp = None
-        self._layout_key, self._layout = (), (0, [], [])
+        self._layout_key, self._layout = (), None
 
     def release(self) -> None:
         for handle in self._handles:
@@ -319,7 +330,7 @@ class RankSyncCheck(AuditCallback):
     def _describe_layout(self) -> tuple[int, list[torch.Tensor], list[str]]:
         params = self._params()
         key = tuple(id(p) for p in params)
-        if key != self._layout_key:
+        if key != self._layout_key or self._layout is None:
             # Named when the layout changes: parameters may be added after the start.
             known: dict[int, str] = {}
             for name, p in self._module.named_parameters() if self._module is not None else ():
@@ -406,7 +417,7 @@ class RankSyncCheck(AuditCallback):
                 {},
             )
             return
-        _, params, names = self._layout
+        _, params, names = self._describe_layout()
         by_cause: dict[str, list[RowDifference]] = {}
         for row in result.rows:
             if row.index >= len(params) or names[row.index] in self._reported:
@@ -439,15 +450,15 @@ class RankSyncCheck(AuditCallback):
         p = params[row.index]
         if row.stepped_ranks:
             return "step-skipped"
-        if self._wrapped is not None and id(p) not in self._wrapped:
+        if self._wrapped and id(p) not in self._wrapped:
             return "created-after-wrapping"
-        if self._reduced is not None and id(p) not in self._reduced:
+        if self._reduced and id(p) not in self._reduced:
             return "unfrozen-after-wrapping"
         if not row.grad_ranks:
             return "params-only"
         if any(synced is False for _, _, synced in taken.values()):
             return "no-sync"
-        if self._reduced is not None:
+        if self._reduced:
             # Every gradient DDP reduces differs: no all-reduce happened at all.
             reduced = {i for i in result.with_grad if id(params[i]) in self._reduced}
             if reduced and reduced <= {r.index for r in result.rows if r.grad_ranks}:

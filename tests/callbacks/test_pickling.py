@@ -26,6 +26,7 @@ from grad_callbacks import (
     GradientMonitor,
     GradientSanityCheck,
     PerSampleGradientCheck,
+    RankSyncCheck,
     ZeroGradCheck,
 )
 from grad_callbacks.callbacks.base import AuditCallback
@@ -40,6 +41,7 @@ CHECKS: list[Callable[[], AuditCallback]] = [
     lambda: BatchMixingCheck(on_finding="log"),
     lambda: AutogradCheck(on_finding="log"),
     lambda: GradientMonitor(on_finding="log", every_n_steps=1),
+    lambda: RankSyncCheck(on_finding="log", every_n_steps=1),
 ]
 IDS = [
     "GradientAudit",
@@ -49,6 +51,7 @@ IDS = [
     "BatchMixingCheck",
     "AutogradCheck",
     "GradientMonitor",
+    "RankSyncCheck",
 ]
 
 
