@@ -13,6 +13,8 @@ Modes (several planted cases share one run, each in its own part of the model):
   backbone frozen by a zero learning rate until epoch 1 (the fix the docs give).
 * ``manual-broken`` / ``manual-clean``: manual optimization accumulating two micro-batches under
   ``no_sync()``, left on for the micro-batch that steps, or not.
+* ``manual-raise``: ``manual-broken`` with ``on_finding="raise"``: every rank stops together
+  (each writes ``rank<r>.json`` with what it raised; no oracle).
 * ``plain``: a plain MLP, checked at every step.
 
 Rank 0 writes the report to OUT_DIR, and ``oracle.json``: for every parameter and buffer, the
@@ -171,8 +173,8 @@ def main() -> None:
         )
         data = zoo.regression_data(n=256, batch_size=4)  # 32 batches, 8 steps per epoch
     elif mode.startswith("manual"):
-        model = ManualAccumulation(leave_on=mode == "manual-broken")
-        callbacks = [RankSyncCheck(on_finding="log")]
+        model = ManualAccumulation(leave_on=mode != "manual-clean")
+        callbacks = [RankSyncCheck(on_finding="raise" if mode == "manual-raise" else "log")]
         trainer = ddp_trainer(out, callbacks, max_epochs=1)
         data = zoo.regression_data(n=64, batch_size=4)
     else:
@@ -180,8 +182,17 @@ def main() -> None:
         callbacks = [RankSyncCheck(every_n_steps=1, first_steps=0, on_finding="log")]
         trainer = ddp_trainer(out, callbacks, max_epochs=1)
         data = zoo.regression_data(n=80, batch_size=4)
-    trainer.fit(model, data)
-    write_oracle(out, model)
+    if mode == "manual-raise":
+        outcome: dict[str, Any] = {"raised": None}
+        try:
+            trainer.fit(model, data)
+        except Exception as exc:
+            outcome = {"raised": type(exc).__name__, "message": str(exc)}
+        outcome["global_step"] = trainer.global_step
+        Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(outcome))
+    else:
+        trainer.fit(model, data)
+        write_oracle(out, model)
     close_process_group()
 
 

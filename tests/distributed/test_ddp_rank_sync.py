@@ -102,6 +102,17 @@ def test_no_sync_left_on_for_the_stepping_micro_batch(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_under_raise_every_rank_stops_at_the_same_step(tmp_path: Path) -> None:
+    report = run_ddp_script(SCRIPT, tmp_path, "manual-raise")
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for outcome in outcomes:
+        assert outcome["raised"] == "GradientAuditError"
+        assert outcome["message"].startswith("[rank-desync] ")
+        assert outcome["global_step"] == 1  # stopped at the end of the first checked step
+    assert report["status"] == "failed" and "rank-desync" in report["error"]
+
+
+@pytest.mark.slow
 def test_no_sync_used_correctly_is_quiet(tmp_path: Path) -> None:
     report, _desyncs, oracle = _run(tmp_path, "manual-clean")
     assert report["findings"] == []
