@@ -215,6 +215,12 @@ class RankSyncCheck(AuditCallback):
         }
         return entry
 
+    def scalar_charts(self) -> dict[str, list[str]]:
+        """The check's chart, only where it compares ranks (no empty chart on one process)."""
+        if not self._active:
+            return {}
+        return {"Rank sync": ["grad_audit/rank_sync/.*"]}
+
     @property
     def outside_seconds(self) -> float:
         # The fingerprints are taken in the optimizers' step post-hooks.
