@@ -218,3 +218,45 @@ def test_run_scale_and_token_weighting_are_checkpointed() -> None:
     fresh.load_state_dict(check.state_dict())
     assert fresh._norm_scale.value == extra["norm_scale"]
     assert fresh._own_count == check._own_count
+
+
+class ClassWeighted(zoo.MLP):
+    """``F.cross_entropy(weight=...)``: a mean weighted by each sample's class weight."""
+
+    CLASS_WEIGHTS = (1.0, 3.0, 0.5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[2] = torch.nn.Linear(16, 3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y, weight=torch.tensor(self.CLASS_WEIGHTS))
+
+
+class SampleWeighted(zoo.MLP):
+    """Per-sample weights carried in the batch: ``sum_i v_i l_i / sum_i v_i``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, v = batch
+        losses = F.mse_loss(self.net(x), y, reduction="none").mean(1)
+        return (v * losses).sum() / v.sum()
+
+
+def test_class_weights_and_per_sample_weights_are_named() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 8, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    v = torch.rand(8, generator=g) + 0.1
+    cases = [
+        (ClassWeighted(), (x, y), torch.tensor(ClassWeighted.CLASS_WEIGHTS)[y], "class in `[1]`"),
+        (SampleWeighted(), (x, torch.randn(8, 1, generator=g), v), v, "weights `[2]`"),
+    ]
+    for module, tensors, expected, follows in cases:
+        check = _check(check_optimizer_grad=False)
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=8)
+        zoo.fit(module, [check], data=data)
+        (finding,) = check.findings
+        assert finding.code == "reduction-weighted" and follows in finding.data["follows"]
+        weights = torch.tensor(finding.data["weights"])
+        torch.testing.assert_close(weights, expected / expected.sum(), rtol=1e-4, atol=1e-6)

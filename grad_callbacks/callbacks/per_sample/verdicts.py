@@ -194,9 +194,10 @@ def _weighted_finding(reduction: Reduction, *, step: int, n: int, size: int) -> 
     total = sum(weights)
     follows = reduction.follows
     if follows is not None:
-        what = f"proportional to {follows.describe()}"
+        how = "following" if follows.rule == "class" else "proportional to"
+        what = f"{how} {follows.describe()}"
         if reduction.basis:
-            what += f", which run from {min(reduction.basis):g} to {max(reduction.basis):g}"
+            what += f", which run from {min(reduction.basis):.3g} to {max(reduction.basis):.3g}"
         if follows.is_count and reduction.own_count:
             what += ": a mean over the batch's tokens"
     else:
