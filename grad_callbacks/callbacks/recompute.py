@@ -78,7 +78,7 @@ import logging
 import random
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,25 +139,116 @@ def _one_or_list(items: list[Any]) -> Any:
     return items[0] if len(items) == 1 else items
 
 
+def _raw_optimizer(opt: Any) -> Any:
+    """The torch optimizer behind a stand-in or a ``LightningOptimizer``."""
+    opt = opt.__dict__.get("_real", opt) if hasattr(opt, "__dict__") else opt
+    return getattr(opt, "_optimizer", opt)
+
+
+class ManualSteps:
+    """What a recomputed manual-optimization ``training_step`` does with its optimizers: the
+    losses it hands to ``manual_backward`` (or to a raw ``loss.backward()``), and each
+    optimizer's ``step``, ``zero_grad`` and toggling, in order. Pass it to :func:`isolated`.
+
+    :meth:`steps` turns the events into the losses each optimizer step applies: those
+    backwarded since that optimizer's last ``zero_grad`` (or the start of the step), leaving
+    out those backwarded while another optimizer was toggled (its parameters alone required
+    gradients then).
+
+    Args:
+        optimizers: the trainer's optimizers, in order (their index names them).
+        on_step: called with the number of steps so far after each step.
+    """
+
+    def __init__(
+        self, optimizers: Iterable[Any], on_step: Callable[[int], None] | None = None
+    ) -> None:
+        self._index = {id(_raw_optimizer(o)): i for i, o in enumerate(optimizers)}
+        self.events: list[tuple[str, int | None, Any]] = []
+        self._toggled: int | None = None
+        self._on_step = on_step
+        self._steps = 0
+
+    def index(self, opt: Any) -> int | None:
+        return self._index.get(id(_raw_optimizer(opt)))
+
+    def backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
+        self.events.append(("backward", self._toggled, loss))
+
+    def step(self, opt: Any) -> None:
+        self.events.append(("step", self.index(opt), None))
+        self._steps += 1
+        if self._on_step is not None:
+            self._on_step(self._steps)
+
+    def zero_grad(self, opt: Any) -> None:
+        self.events.append(("zero_grad", self.index(opt), None))
+
+    def toggle(self, opt: Any) -> None:
+        self._toggled = self.index(opt)
+
+    def untoggle(self, opt: Any = None) -> None:
+        self._toggled = None
+
+    @contextmanager
+    def toggled(self, opt: Any) -> Iterator[None]:
+        self.toggle(opt)
+        try:
+            yield
+        finally:
+            self.untoggle()
+
+    def cleared(self) -> list[bool]:
+        """Per optimizer step, in order: whether that optimizer's ``zero_grad`` ran before it
+        in the step (if not, the gradients it held when the step began are applied too)."""
+        seen: set[int | None] = set()
+        out: list[bool] = []
+        for kind, i, _ in self.events:
+            if kind == "zero_grad":
+                seen.add(i)
+            elif kind == "step":
+                out.append(i in seen)
+        return out
+
+    def steps(self) -> list[tuple[int | None, list[Any]]]:
+        """Per optimizer step, in order: the optimizer's index and the losses it applies."""
+        pending: dict[int | None, list[Any]] = {i: [] for i in self._index.values()}
+        out: list[tuple[int | None, list[Any]]] = []
+        for kind, i, loss in self.events:
+            if kind == "backward":
+                for j in pending:
+                    if i is None or i == j:
+                        pending[j].append(loss)
+            elif kind == "zero_grad":
+                pending[i] = []
+            elif kind == "step":
+                out.append((i, list(pending.get(i, []))))
+        return out
+
+
 class _StubOptimizer:
     """Stands in for an optimizer during a recomputation: reads go to the real one, steps and
     ``zero_grad`` do nothing (a closure passed to ``step`` is still called)."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: Any, manual: ManualSteps | None = None) -> None:
         self._real = real
+        self._manual = manual
 
     def step(self, closure: Any = None, **kwargs: Any) -> Any:
+        if self._manual is not None:
+            self._manual.step(self._real)
         return closure() if closure is not None else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        pass
+        if self._manual is not None:
+            self._manual.zero_grad(self._real)
 
     @contextmanager
     def toggle_model(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         yield
 
     def __getattr__(self, name: str) -> Any:
-        if name == "_real":  # not set yet (copy, pickle): no recursion
+        if name in ("_real", "_manual"):  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self._real, name)
 
@@ -175,17 +266,17 @@ class _StubScheduler:
         return getattr(self._real, name)
 
 
-def _stand_ins(trainer: Any | None) -> dict[str, Any]:
+def _stand_ins(trainer: Any | None, manual: ManualSteps | None = None) -> dict[str, Any]:
     stubs: dict[str, Any] = {"log": _noop, "log_dict": _noop}
     if trainer is not None:
-        optimizers = [_StubOptimizer(o) for o in trainer.optimizers]
+        optimizers = [_StubOptimizer(o, manual) for o in trainer.optimizers]
         schedulers = [_StubScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
         stubs.update(
-            manual_backward=_noop,
+            manual_backward=manual.backward if manual is not None else _noop,
             zero_grad=_noop,
-            toggle_optimizer=_noop,
-            untoggle_optimizer=_noop,
-            toggled_optimizer=_noop_context,
+            toggle_optimizer=manual.toggle if manual is not None else _noop,
+            untoggle_optimizer=manual.untoggle if manual is not None else _noop,
+            toggled_optimizer=manual.toggled if manual is not None else _noop_context,
             clip_gradients=_noop,
             optimizers=lambda use_pl_optimizer=True: _one_or_list(optimizers),
             lr_schedulers=lambda: _one_or_list(schedulers),
@@ -256,33 +347,52 @@ def _restored_param_groups(optimizers: Iterable[Any]) -> Iterator[None]:
                     group.update(before)
 
 
+def _recording_stubs(manual: ManualSteps, opt: Any) -> dict[str, Any]:
+    def step(closure: Any = None, *args: Any, **kwargs: Any) -> Any:
+        manual.step(opt)
+        return _inert_step(closure)
+
+    def zero_grad(*args: Any, **kwargs: Any) -> None:
+        manual.zero_grad(opt)
+
+    return {"step": step, "zero_grad": zero_grad}
+
+
 @contextmanager
-def _inert_optimizers(trainer: Any) -> Iterator[None]:
+def _inert_optimizers(trainer: Any, manual: ManualSteps | None = None) -> Iterator[None]:
     """The trainer's real optimizers, their ``LightningOptimizer`` wrappers and its schedulers
-    step and clear nothing, however the block reaches them."""
+    step and clear nothing, however the block reaches them (with ``manual``, they record it)."""
     optimizers = list(getattr(trainer, "optimizers", None) or ())
     wrappers = list(getattr(getattr(trainer, "strategy", None), "_lightning_optimizers", ()))
     schedulers = [c.scheduler for c in getattr(trainer, "lr_scheduler_configs", None) or ()]
     raw = [getattr(o, "_optimizer", o) for o in optimizers + wrappers]
-    with (
-        _shadowed([*optimizers, *wrappers, *raw], {"step": _inert_step, "zero_grad": _noop}),
-        _shadowed(schedulers, {"step": _noop}),
-        _restored_param_groups(raw),
-    ):
+    with ExitStack() as stack:
+        if manual is None:
+            stack.enter_context(
+                _shadowed([*optimizers, *wrappers, *raw], {"step": _inert_step, "zero_grad": _noop})
+            )
+        else:
+            for opt in [*optimizers, *wrappers, *raw]:
+                stack.enter_context(_shadowed([opt], _recording_stubs(manual, opt)))
+        stack.enter_context(_shadowed(schedulers, {"step": _noop}))
+        stack.enter_context(_restored_param_groups(raw))
         yield
 
 
 @contextmanager
-def stood_in(module: nn.Module, trainer: Any | None = None) -> Iterator[None]:
+def stood_in(
+    module: nn.Module, trainer: Any | None = None, manual: ManualSteps | None = None
+) -> Iterator[None]:
     """Mute ``self.log`` / ``self.log_dict``; with ``trainer``, also every route to its
-    optimizers and schedulers (the module's optimizer methods and the real objects).
+    optimizers and schedulers (the module's optimizer methods and the real objects), which
+    ``manual`` records when given.
 
     Any instance attribute of the same name that existed before is put back afterwards.
     """
     with ExitStack() as stack:
-        stack.enter_context(_shadowed([module], _stand_ins(trainer)))
+        stack.enter_context(_shadowed([module], _stand_ins(trainer, manual)))
         if trainer is not None:
-            stack.enter_context(_inert_optimizers(trainer))
+            stack.enter_context(_inert_optimizers(trainer, manual))
         yield
 
 
@@ -353,6 +463,11 @@ def _guarded_backward(original: Any) -> Any:
         if protected is None:  # another thread, or no isolated block open
             return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
+        recorders: list[ManualSteps | None] = getattr(_guard_local, "manual", [])
+        if recorders and recorders[-1] is not None:
+            tensors = bound.arguments.get("tensors")
+            recorders[-1].backward(tensors)  # a raw loss.backward(): its loss, kept aside
+            return None
         # Read once: the arguments may be generators, which the call below must still get.
         for name in ("tensors", "grad_tensors", "inputs"):
             value = bound.arguments.get(name)
@@ -372,7 +487,23 @@ def _guarded_backward(original: Any) -> Any:
 
 
 @contextmanager
-def _live_grads_guarded(module: nn.Module, trainer: Any | None) -> Iterator[None]:
+def _recording_backward(manual: ManualSteps | None) -> Iterator[None]:
+    """Inside an :func:`isolated` block, a raw backward pass in this thread only hands its
+    loss to ``manual`` (None: back to the enclosing block's behaviour)."""
+    recorders: list[ManualSteps | None] | None = getattr(_guard_local, "manual", None)
+    if recorders is None:
+        recorders = _guard_local.manual = []
+    recorders.append(manual)
+    try:
+        yield
+    finally:
+        recorders.pop()
+
+
+@contextmanager
+def _live_grads_guarded(
+    module: nn.Module, trainer: Any | None, manual: ManualSteps | None = None
+) -> Iterator[None]:
     """A backward pass run in this thread during the block leaves out the module's parameters
     and the trainer's optimizers' parameters: their ``.grad`` and hooks are never reached.
 
@@ -394,7 +525,8 @@ def _live_grads_guarded(module: nn.Module, trainer: Any | None) -> Iterator[None
         stack = _guard_local.stack = []
     stack.append(live)
     try:
-        yield
+        with _recording_backward(manual):
+            yield
     finally:
         stack.pop()
         with _guard_lock:
@@ -526,6 +658,7 @@ def isolated(
     *,
     state: PythonState | None = None,
     record: Recomputations | None = None,
+    manual: ManualSteps | None = None,
 ) -> Iterator[None]:
     """Run the block with the module's logging muted and its state restored afterwards.
 
@@ -540,6 +673,8 @@ def isolated(
             :func:`capture_state` before the real step); the state at entry is put back either
             way.
         record: counts the block, and receives the changes that could not be undone.
+        manual: records the losses handed to ``manual_backward`` (or a raw
+            ``loss.backward()``) and the optimizers' steps, instead of dropping them.
     """
     if trainer is None:
         trainer = getattr(module, "_trainer", None)
@@ -553,8 +688,8 @@ def isolated(
         stack.enter_context(run_eagerly())
         stack.enter_context(restored_state(module))
         stack.enter_context(_restored_metrics(module))
-        stack.enter_context(stood_in(module, trainer))
-        stack.enter_context(_live_grads_guarded(module, trainer))
+        stack.enter_context(stood_in(module, trainer, manual))
+        stack.enter_context(_live_grads_guarded(module, trainer, manual))
         stack.enter_context(_forked_host_rng())
         stack.enter_context(torch.random.fork_rng(devices=devices, enabled=True))
         if rng_state is not None:

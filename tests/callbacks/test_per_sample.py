@@ -61,13 +61,6 @@ def test_clean_training_is_silent(case: str) -> None:
         assert check.last_stats is not None and check.last_stats.n == 8
 
 
-def test_gan_in_manual_mode_says_why_it_skips() -> None:
-    check = _check()
-    zoo.fit(zoo.GAN("toggle"), [check], data=zoo.gan_data())
-    (finding,) = check.findings
-    assert finding.code == "check-skipped" and "per_sample_loss" in finding.message
-
-
 def test_summed_loss_is_reduction_sum() -> None:
     check = _check()
     zoo.fit(zoo.SummedLoss(), [check], data=_data8())

@@ -11,7 +11,7 @@ recomputes, beside the run and without touching it:
 * non-finite (``per-sample-nonfinite``) and dominating (``per-sample-outlier``) samples;
 * the gradient the optimizer sees (at ``on_before_optimizer_step``, unscaled, before clipping)
   against the gradient of the training loss over the same accumulation window, replayed with
-  the same random numbers (``grad-mismatch``), in automatic optimization.
+  the same random numbers (``grad-mismatch``).
 
 The loss of one sample is ``training_step`` on a slice of the batch, run with ``self.log`` muted,
 the random number generators forked and buffers and metric states restored
@@ -20,7 +20,14 @@ switched to eval mode for the per-sample comparison, so the batch and per-sample
 same deterministic network; the ``grad-mismatch`` replay keeps them in train mode with the
 step's own random numbers. A LightningModule may define ``per_sample_loss(batch) -> Tensor[B]``
 (or the callback take ``per_sample_loss=fn(module, batch)``) for losses that slicing cannot
-express; manual optimization needs it, since its ``training_step`` steps the optimizers itself.
+express. The module's Python state before the step is captured, so a ``training_step`` that
+carries state (an RNN's hidden state) is replayed from where the real step started
+(:mod:`~grad_callbacks.callbacks.per_sample.losses`).
+
+In manual optimization the check runs at the end of a checked batch: ``training_step`` is
+replayed with the optimizers inert and recording, and the losses handed to ``manual_backward``
+before each optimizer step are that step's loss, checked per sample and against the gradient
+the optimizer stepped on (:mod:`~grad_callbacks.callbacks.per_sample.manual`).
 """
 
 from __future__ import annotations
@@ -34,14 +41,23 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.per_sample.comparison import Measured, _Comparison, _MicroBatch
+from grad_callbacks.callbacks.per_sample.comparison import (
+    Measured,
+    _Comparison,
+    _MicroBatch,
+    _stochastic_layers_off,
+)
 from grad_callbacks.callbacks.per_sample.losses import (
     PerSampleLoss,
+    RandomDraws,
     _NoLoss,
     carried_state,
+    manual_step_losses,
+    manual_steps,
     sample_losses,
     training_loss,
 )
+from grad_callbacks.callbacks.per_sample.manual import manual_step_grads
 from grad_callbacks.callbacks.per_sample.replay import (
     average_over_ranks,
     params_of,
@@ -55,6 +71,7 @@ from grad_callbacks.callbacks.per_sample.verdicts import (
     sample_findings,
 )
 from grad_callbacks.callbacks.recompute import (
+    ManualSteps,
     Recomputations,
     capture_rng,
     capture_state,
@@ -81,6 +98,16 @@ from grad_callbacks.core.per_sample.weights import (
     judge_reduction,
     scaled_leaf,
 )
+
+
+def _optimized_params(trainer: pl.Trainer, clone: bool) -> dict[int, Tensor]:
+    """The values of every parameter the trainer's optimizers step, by parameter id."""
+    return {
+        id(p): (p.detach().clone() if clone else p.detach())
+        for opt in trainer.optimizers
+        for group in opt.param_groups
+        for p in group["params"]
+    }
 
 
 class PerSampleGradientCheck(AuditCallback):
@@ -115,7 +142,7 @@ class PerSampleGradientCheck(AuditCallback):
 
     check_name = "PerSampleGradientCheck"
     metric_prefix = "per_sample"
-    live_attributes = ("_window",)
+    live_attributes = ("_window", "_manual")
 
     def __init__(
         self,
@@ -150,6 +177,12 @@ class PerSampleGradientCheck(AuditCallback):
         self._next_due = 0
         # (step, seconds) of a run made before the budget knew the step time (the first one)
         self._unplanned: tuple[int, float] | None = None
+        # manual optimization: the batch being checked and, per optimizer step of it, the
+        # optimizer and the gradients it stepped on
+        # and the parameters' values before each of its steps
+        # and the gradients held when it began
+        self._manual: tuple[Any, ...] | None = None
+        self._manual_step: int | None = None  # the checked manual batch's first step
         self.last_stats: PerSampleStats | None = None
         # The count a loss was last seen to be a mean over (its own batch's): for the
         # accumulation-weighting check of windows whose last micro-batch has equal counts.
@@ -196,6 +229,12 @@ class PerSampleGradientCheck(AuditCallback):
         return entry
 
     @property
+    def current_step(self) -> int:
+        """The step findings are stamped with: in manual optimization, the global step at the
+        start of the checked batch (each optimizer step of it advances the global step)."""
+        return self._manual_step if self._manual_step is not None else super().current_step
+
+    @property
     def recomputations(self) -> int:
         """How many times the check ran ``training_step`` (or ``per_sample_loss``) again, each
         in an isolated block (the report's ``recomputations``)."""
@@ -240,9 +279,19 @@ class PerSampleGradientCheck(AuditCallback):
             self._window, self._window_step = [], step
         # The generators' and the module's state before training_step: the replay draws the
         # same dropout masks and sees the same carried state.
-        self._window.append(
-            _MicroBatch(batch, batch_idx, capture_rng(), capture_state(pl_module))
-        )
+        micro = _MicroBatch(batch, batch_idx, capture_rng(), capture_state(pl_module))
+        if not pl_module.automatic_optimization:
+            # checked at the end of the batch, every optimizer step of it
+            self._window, self._window_step = [], None
+            self._done_steps = {step}
+            held = {
+                k: p.grad.detach().clone()
+                for k, p in pl_module.named_parameters()
+                if p.grad is not None
+            }
+            self._manual = (step, micro, [], [], held)
+            return
+        self._window.append(micro)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window, self._window_step = [], None
@@ -250,6 +299,17 @@ class PerSampleGradientCheck(AuditCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
+        if self._manual is not None:
+            with self.timed():
+                raw = getattr(optimizer, "_optimizer", optimizer)
+                live = {
+                    k: p.grad.detach().clone()
+                    for k, p in params_of(pl_module, raw).items()
+                    if p.grad is not None
+                }
+                self._manual[2].append((raw, live))
+                self._manual[3].append(_optimized_params(trainer, clone=True))
+            return
         step = trainer.global_step
         if self._window_step != step or not self._window or step in self._done_steps:
             return
@@ -272,6 +332,86 @@ class PerSampleGradientCheck(AuditCallback):
             self._may_recompute()
         self._plan_next_run(trainer, step, self.seconds_spent - spent_before)
 
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._manual is not None:
+            (step, micro, stepped, segments, held), self._manual = self._manual, None
+            spent_before = self.seconds_spent
+            with self.timed():
+                self.steps_checked += 1
+                segments.append(_optimized_params(trainer, clone=False))
+                self._manual_step = step
+                try:
+                    with self.guarded("the manual-optimization comparison"):
+                        self._check_manual(
+                            trainer, pl_module, micro, stepped, segments, held
+                        )
+                finally:
+                    self._manual_step = None
+                self._may_recompute()
+            self._plan_next_run(trainer, step, self.seconds_spent - spent_before)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _check_manual(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        micro: _MicroBatch,
+        stepped: list[tuple[Any, dict[str, Tensor]]],
+        segments: list[dict[int, Tensor]],
+        held: dict[str, Tensor],
+    ) -> None:
+        """Each optimizer's loss (what ``training_step`` hands to ``manual_backward`` before
+        its step) per sample, and against the gradient the optimizer stepped on."""
+        if not stepped:
+            return
+        with isolated(
+            pl_module, rng_state=micro.rng, state=micro.state, record=self._record
+        ):
+            steps = manual_steps(trainer, pl_module, micro.batch, micro.batch_idx)
+        manual = ManualSteps(trainer.optimizers)
+        replayed = [i for i, _ in steps]
+        real = [manual.index(raw) for raw, _ in stepped]
+        if replayed != real:
+            self.skip(
+                f"training_step run again stepped the optimizers {replayed}, not "
+                f"{real} as in the real step (control flow outside the batch), so the "
+                "losses cannot be matched with the optimizer steps"
+            )
+            return
+        compared: set[int | None] = set()
+        wanted = [
+            {n: p for n, p in params_of(pl_module, raw).items() if n in live}
+            for raw, live in stepped
+        ]
+        for k, params in enumerate(wanted):
+            if params and real[k] not in compared:
+                compared.add(real[k])
+                loss_fn = manual_step_losses(trainer, micro.batch_idx, k)
+                with self.guarded("the per-sample comparison"):
+                    self._compare_per_sample(pl_module, micro, params, manual_fn=loss_fn)
+        if not self.check_optimizer_grad:
+            return
+        with self.guarded("the optimizer-gradient comparison"):
+            replayed_grads = manual_step_grads(
+                trainer, pl_module, micro, segments, wanted, self._record, held
+            )
+            if isinstance(replayed_grads, str):
+                self.skip(f"{replayed_grads}; the optimizer gradients are not compared")
+                return
+            for (_, live), recomputed in zip(stepped, replayed_grads, strict=True):
+                if not recomputed:
+                    continue
+                live = {k: live[k] for k in recomputed}
+                if bool(torch.stack([torch.isfinite(g).all() for g in live.values()]).all()):
+                    self._judge_mismatch(trainer, live, recomputed, microbatches=1)
+
     def _may_recompute(self) -> bool:
         """False (and ``check-skipped`` said once) when recomputing is off, or when a
         recomputation changed something that could not be undone."""
@@ -293,7 +433,11 @@ class PerSampleGradientCheck(AuditCallback):
 
     # ------------------------------------------------------------------ per-sample comparison
     def _compare_per_sample(
-        self, pl_module: pl.LightningModule, micro: _MicroBatch, params: dict[str, Tensor]
+        self,
+        pl_module: pl.LightningModule,
+        micro: _MicroBatch,
+        params: dict[str, Tensor],
+        manual_fn: Any = None,
     ) -> None:
         losses = sample_losses(self.per_sample_loss, pl_module)
         b = batch_size(micro.batch)
@@ -329,6 +473,8 @@ class PerSampleGradientCheck(AuditCallback):
             )
         elif pl_module.automatic_optimization:
             per_sample_fn = batch_fn = training_loss(micro.batch_idx)
+        elif manual_fn is not None:
+            per_sample_fn = batch_fn = manual_fn
         else:
             self.skip(
                 "manual optimization: training_step steps the optimizers itself and cannot be "
@@ -336,9 +482,22 @@ class PerSampleGradientCheck(AuditCallback):
             )
             return
 
+        packed, per_sample_fn, batch_fn = (
+            carried.pack(batch, n), carried.loss(per_sample_fn), carried.loss(batch_fn)
+        )
+        if manual_fn is not None and losses is None:
+            # the step's own random draws (a GAN's latent vectors), cut like the batch
+            with (
+                isolated(pl_module, rng_state=micro.rng, state=micro.state, record=self._record),
+                _stochastic_layers_off(pl_module),
+            ):
+                draws = RandomDraws.record(batch_fn, pl_module, packed)
+            packed, per_sample_fn, batch_fn = (
+                draws.pack(packed, n), draws.loss(per_sample_fn), draws.loss(batch_fn)
+            )
         comparison = _Comparison(
-            pl_module, micro, carried.pack(batch, n), n, params, carried.loss(per_sample_fn),
-            carried.loss(batch_fn), self.chunk_size, self.method, size=b, record=self._record,
+            pl_module, micro, packed, n, params, per_sample_fn, batch_fn, self.chunk_size,
+            self.method, size=b, record=self._record,
         )
         train_bn = any(isinstance(m, _BatchNorm) and m.training for m in pl_module.modules())
         try:
@@ -503,25 +662,32 @@ class PerSampleGradientCheck(AuditCallback):
             finite = torch.stack([torch.isfinite(g).all() for g in live.values()]).all()
             if not bool(finite):
                 return  # an overflow step that the GradScaler skips: nothing to compare
-            error = float(relative_error(live, recomputed))
-            precision = str(trainer.precision)
-            tol = MISMATCH_TOL[
-                "mixed" if "mixed" in precision else "64" if "64" in precision else "32"
-            ]
-            self.queue_scalars({"optimizer_grad_error": error})
-            if error > tol:
-                per_param = {
-                    k: relative_error({k: live[k]}, {k: recomputed[k]}) for k in recomputed
-                }
-                self.report(
-                    mismatch_finding(
-                        step=self.current_step,
-                        error=error,
-                        tol=tol,
-                        microbatches=len(window),
-                        per_param=per_param,
-                    )
+            self._judge_mismatch(trainer, live, recomputed, microbatches=len(window))
+
+    def _judge_mismatch(
+        self,
+        trainer: pl.Trainer,
+        live: Mapping[str, Tensor],
+        recomputed: Mapping[str, Tensor],
+        microbatches: int,
+    ) -> None:
+        error = float(relative_error(live, recomputed))
+        precision = str(trainer.precision)
+        tol = MISMATCH_TOL[
+            "mixed" if "mixed" in precision else "64" if "64" in precision else "32"
+        ]
+        self.queue_scalars({"optimizer_grad_error": error})
+        if error > tol:
+            per_param = {k: relative_error({k: live[k]}, {k: recomputed[k]}) for k in recomputed}
+            self.report(
+                mismatch_finding(
+                    step=self.current_step,
+                    error=error,
+                    tol=tol,
+                    microbatches=microbatches,
+                    per_param=per_param,
                 )
+            )
 
 
 def _device_of(measured: Measured) -> torch.device:

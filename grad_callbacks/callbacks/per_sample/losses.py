@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from grad_callbacks.callbacks.recompute import ManualSteps, _recording_backward, stood_in
 from grad_callbacks.core.python_state import MISSING, PythonState
 
 PerSampleLoss = Callable[[nn.Module, Any], Tensor]
@@ -169,3 +172,107 @@ def carried_state(start: PythonState | None, b: int) -> CarriedState | str:
     return CarriedState(
         tuple(paths), tuple(templates), tuple(axes_all), tuple(leaves_all), tuple(fixed)
     )
+
+
+# ------------------------------------------------------------------ manual optimization
+def manual_step_losses(trainer: Any, batch_idx: int, step: int) -> LossFn:
+    """``fn(module, batch)``: in manual optimization, the sum of the losses the ``step``-th
+    optimizer step of ``training_step(batch, batch_idx)`` applies (see :class:`ManualSteps`).
+
+    Must run inside :func:`~grad_callbacks.callbacks.recompute.isolated` (the optimizers
+    inert); the events are recorded by a nested block of its own, so the caller's block may be
+    any.
+    """
+
+    def loss(module: nn.Module, batch: Any) -> Tensor:
+        steps = manual_steps(trainer, module, batch, batch_idx)
+        if step >= len(steps):
+            raise _NoLoss(f"training_step made {len(steps)} optimizer step(s) when run again")
+        losses = [_loss_of(x) for x in steps[step][1]]
+        if not losses:
+            raise _NoLoss("no loss reached this optimizer step's parameters")
+        return sum(losses[1:], losses[0])
+
+    return loss
+
+
+def manual_steps(
+    trainer: Any, module: nn.Module, batch: Any, batch_idx: int
+) -> list[tuple[int | None, list[Any]]]:
+    """Run a manual-optimization ``training_step`` with its optimizers recording: per optimizer
+    step, the optimizer's index and the losses it applies."""
+    manual = ManualSteps(trainer.optimizers)
+    with stood_in(module, trainer, manual), _recording_backward(manual):
+        module.training_step(batch, batch_idx)  # type: ignore[operator]
+    return manual.steps()
+
+
+# ------------------------------------------------------------------ random draws
+_RANDOM_FACTORIES = frozenset(
+    {
+        torch.randn, torch.rand, torch.randint, torch.randn_like, torch.rand_like,
+        torch.randint_like, torch.normal, torch.bernoulli, torch.poisson,
+    }
+)
+
+
+class _Draws(TorchFunctionMode):
+    """Records the tensors random factories return (``record``), or hands out the recorded
+    ones' rows ``rows`` in the same order (``replay``)."""
+
+    def __init__(self, recorded: list[Tensor], rows: Tensor | None = None) -> None:
+        super().__init__()
+        self.recorded, self.rows, self.at, self.mismatch = recorded, rows, 0, False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func not in _RANDOM_FACTORIES or not isinstance(out, Tensor):
+            return out
+        if self.rows is None:
+            self.recorded.append(out.detach().clone())
+            return out
+        k, self.at = self.at, self.at + 1
+        if k < len(self.recorded) and out.dim() >= 1:
+            source = self.recorded[k]
+            if out.shape[0] == len(self.rows) and out.shape[1:] == source.shape[1:]:
+                return source[self.rows].to(out.dtype)
+        self.mismatch = True
+        return out
+
+
+@dataclass(frozen=True)
+class RandomDraws:
+    """Random tensors ``training_step`` draws itself (``torch.randn(B, ...)`` noise, a GAN's
+    latent vectors), taken from a recording pass on the batch and handed out row by row, so
+    that the batch pass and each sample's pass see the same numbers. Each draw with the batch
+    size as leading dimension is cut like the batch; any other draw makes the replay give up
+    (the comparison then reports the loss as random).
+
+    ``pack`` adds the sample indices to the batch; the loss reads them with ``tolist()``, which
+    vmap cannot run, so the per-sample gradients come from the loop.
+    """
+
+    recorded: tuple[Tensor, ...] = ()
+
+    @classmethod
+    def record(cls, fn: LossFn, module: nn.Module, batch: Any) -> RandomDraws:
+        """Run ``fn`` once (no gradient) and keep what it draws."""
+        recorded: list[Tensor] = []
+        with _Draws(recorded), torch.no_grad():
+            fn(module, batch)
+        return cls(tuple(recorded))
+
+    def pack(self, batch: Any, n: int) -> Any:
+        return (batch, torch.arange(n)) if self.recorded else batch
+
+    def loss(self, fn: LossFn) -> LossFn:
+        if not self.recorded:
+            return fn
+
+        def loss(module: nn.Module, packed: Any) -> Tensor:
+            batch, index = packed
+            rows = torch.tensor(index.tolist(), dtype=torch.long)
+            with _Draws(list(self.recorded), rows):
+                return fn(module, batch)
+
+        return loss
