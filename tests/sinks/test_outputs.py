@@ -26,7 +26,9 @@ def _events(log_dir: str) -> EventAccumulator:
 @pytest.fixture(scope="module")
 def broken_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TensorBoardLogger, GradientAudit]:
     logger = TensorBoardLogger(tmp_path_factory.mktemp("tb"), name="broken")
-    audit = GradientAudit(on_finding="log")
+    # recompute=False: PerSampleGradientCheck reports check-skipped at step 0, so that the
+    # findings change twice (step 0, then missing-zero-grad at step 1)
+    audit = GradientAudit(on_finding="log", recompute=False)
     zoo.fit(zoo.ManualMLP(zero_grad=False), [audit], logger=logger, log_every_n_steps=1)
     return logger, audit
 
