@@ -167,7 +167,7 @@ class GradientAudit(AuditCallback):
         self.max_overhead = max_overhead
         self.recompute = recompute
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
-        self._batch_started: tuple[float, float, float] | None = None
+        self._batch_started: tuple[float, float, float, float] | None = None
         self._own_seconds = 0.0  # in this callback's hooks, its checks' included
         self._every_n_steps_given = every_n_steps
         # One pass of gradient norms per optimizer step for the checks that read them.
@@ -319,7 +319,8 @@ class GradientAudit(AuditCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         scheduled = sum(check.total_seconds for check in self._scheduled)
-        self._batch_started = (time.perf_counter(), self.audit_seconds, scheduled)
+        watching = sum(check.total_seconds for check in self._watchers)
+        self._batch_started = (time.perf_counter(), self.audit_seconds, scheduled, watching)
         # The batches before the first optimizer step carry the one-time audit.
         self._one_time = trainer.global_step == 0
         with self._own():
@@ -327,10 +328,10 @@ class GradientAudit(AuditCallback):
             if self.finite_sentinel is not None and self.finite_sentinel._reads:
                 self._poll_finite()
             if self.watch_windows is not None:
-                self._choose_watching(trainer, batch_idx)
+                self._choose_watching(trainer, batch_idx, watching)
             self._call("on_train_batch_start", trainer, pl_module, batch, batch_idx)
 
-    def _choose_watching(self, trainer: pl.Trainer, batch_idx: int) -> None:
+    def _choose_watching(self, trainer: pl.Trainer, batch_idx: int, spent: float) -> None:
         assert self.watch_windows is not None
         # Read at every batch: a GradientAccumulationScheduler changes it between epochs.
         accumulate = max(1, int(trainer.accumulate_grad_batches))
@@ -425,9 +426,13 @@ class GradientAudit(AuditCallback):
                     check._flush_scalars(trainer)
             AuditCallback.on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx)
         if self.budget is not None and self._batch_started is not None:
-            started, audit_before, scheduled_before = self._batch_started
+            started, audit_before, scheduled_before, watching_before = self._batch_started
             spent = self.audit_seconds - audit_before
             scheduled = sum(check.total_seconds for check in self._scheduled) - scheduled_before
+            if self.watch_windows is not None and self.watch_windows.capped:
+                # Windows kept closer than their share allows (the latency bound) are a fixed
+                # cost: the budget takes it out first, so the periodic checks space out more.
+                scheduled -= sum(c.total_seconds for c in self._watchers) - watching_before
             self.budget.record_step(
                 time.perf_counter() - started - spent, spent, scheduled, one_time=self._one_time
             )

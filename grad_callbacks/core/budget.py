@@ -173,6 +173,9 @@ class WatchWindows:
         self.first_length = first_length
         #: Windows asked for by :meth:`request`.
         self.requested = 0
+        #: Whether the last gap was cut to ``max_gap`` (the budget alone would have waited
+        #: longer): the windows then cost more than their share, and their cost is fixed.
+        self.capped = False
         self._wanted = False
         self._opened_at: int | None = None
         self._spent_at_open = 0.0
@@ -198,6 +201,7 @@ class WatchWindows:
                 self.watched += 1
                 return True
             gap = max(self.gap(spent - self._spent_at_open), length)
+            self.capped = self.max_gap is not None and gap > max(self.max_gap, length)
             if self.max_gap is not None:
                 gap = min(gap, max(self.max_gap, length))
             self._next_open = batch if self._wanted else self._opened_at + gap

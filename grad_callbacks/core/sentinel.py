@@ -110,7 +110,11 @@ class FiniteSentinel:
             device = device or grads[0].device
             if norms is None:
                 norms = torch._foreach_norm([g.detach() for g in grads])
-            total = torch.stack([n.to(device, torch.float32) for n in norms]).sum()
+            first = norms[0]
+            if all(n.dtype == first.dtype and n.device == first.device for n in norms):
+                total = torch.stack(list(norms)).sum().to(device, torch.float32)
+            else:  # mixed dtypes or devices: one conversion per tensor
+                total = torch.stack([n.to(device, torch.float32) for n in norms]).sum()
             flags.append(torch.isfinite(total).reshape(1))
         if flags:
             self._reads.append((HostCopy(torch.cat(flags)), list(self._where), (step, batch_idx)))

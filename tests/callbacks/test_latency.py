@@ -122,3 +122,24 @@ def test_windows_alone_bound_a_missing_zero_grad_in_place() -> None:
     audit, seen = run(module, zoo.regression_data(n=4 * BATCHES), BATCHES)
     assert audit.clear_sentinel is None  # stood down
     assert 0 <= seen.at["missing-zero-grad"] - onset <= LATENCY_BOUNDS["missing-zero-grad"]
+
+
+def test_windows_closer_than_their_share_allows_are_fixed_cost() -> None:
+    """Windows kept 40 steps apart against the budget's wish cost more than their share: the
+    budget counts their time as fixed (taken out first), so the periodic checks space out."""
+    audit = slow_machine_audit()
+    assert audit.budget is not None and audit.watch_windows is not None
+    windows, record = audit.watch_windows, audit.budget.record_step
+    seen: list[tuple[bool, float]] = []
+
+    def record_step(train: float, check: float, scheduled: float = 0.0, **kw: Any) -> None:
+        if audit.checks[0].watching:
+            seen.append((windows.capped, scheduled))
+        record(train, check, scheduled, **kw)
+
+    audit.budget.record_step = record_step  # type: ignore[method-assign]
+    data = zoo.regression_data(n=4 * BATCHES)
+    zoo.fit(zoo.MLP(), [audit], data=data, limit_train_batches=BATCHES)
+    capped = [scheduled for is_capped, scheduled in seen if is_capped]
+    assert capped, seen
+    assert all(abs(s) < 1e-9 for s in capped)  # no per-sample run here: nothing scheduled left

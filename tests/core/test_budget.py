@@ -97,6 +97,7 @@ def test_windows_open_at_least_every_max_gap_batches_and_on_request() -> None:
     expected = [0, 1, 2, 10, 11, 12, 20, 21, 22, 25, 26, 27, 35, 36, 37]
     assert [b for b, w in enumerate(watched) if w] == expected
     assert windows.requested == 1
+    assert windows.capped  # the budget alone would have waited far longer
 
 
 def test_one_time_and_steady_state_are_apart() -> None:
