@@ -1,0 +1,260 @@
+"""Detection latency and steady-state cost of the default ``GradientAudit()``.
+
+Usage: python benchmarks/latency.py [--steps N] [--repeats R] [--onset K] [--models a,b]
+       [--markdown]
+
+Per model (a millisecond MLP, a small CNN, a tiny-config ``transformers`` ViT from
+tests/zoo_real.py, and a GAN in manual optimization for the leak):
+
+* **latency**: each per-step bug is planted at batch ``--onset`` of a run with the default
+  ``GradientAudit()`` (real timings, real budget): a NaN from that batch on (the output of the
+  first layer), ``zero_grad`` no longer called, the first layer detached, and for the GAN the
+  generator loss leaking into the discriminator's step. Printed: optimizer steps from the onset
+  to the batch at whose end the finding is in ``audit.findings``, against the bound the SPEC
+  states (10 for NaN/Inf, 50 for the rest), and for the NaN whether the finding names the
+  onset step and batch.
+* **steady-state overhead**: the same model trained clean for ``--steps`` batches with and
+  without the audit, alternating (A B A B ...), timing the batches from the 100th on; printed
+  is the ratio of the fastest runs (the least disturbed by other load on a shared machine), the
+  audit's own measure of its steady state (``overhead.steady_state.measured`` in the report),
+  its one-time first-batch cost in seconds and in training steps, and the share of batches its
+  per-step checks watched.
+
+Not a test: the suite pins the latency bounds in steps (tests/callbacks/test_latency.py), which
+do not depend on machine speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grad_callbacks import GradientAudit
+from grad_callbacks.callbacks.audit import LATENCY_BOUNDS
+from tests import zoo, zoo_real
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+CODES = {
+    "nan": "nonfinite-grad",
+    "no_zero_grad": "missing-zero-grad",
+    "detach": "missing-grad",
+    "leak": "gradient-leak",
+}
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def images(steps: int, batch_size: int, channels: int = 1, size: int = 28) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(steps * batch_size, channels, size, size, generator=g)
+    y = torch.randint(0, 3, (steps * batch_size,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+# A model: (module, its data for `steps` batches, the layer bugs are planted on)
+Model = tuple[L.LightningModule, DataLoader, nn.Module]
+
+
+def mlp(steps: int) -> Model:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    return Classifier(net), images(steps, 32), net[1]
+
+
+def cnn(steps: int) -> Model:
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+    return Classifier(net), images(steps, 64), net[0]
+
+
+def vit(steps: int) -> Model:
+    module = zoo_real.HFModule("vit")
+    data = zoo_real.image_loader(n=8 * steps, batch_size=8)
+    return module, data, module.model.vit.embeddings
+
+
+def gan(steps: int) -> Model:
+    module = zoo.GAN("zero_first")
+    return module, zoo.gan_data(n=4 * steps), module.discriminator
+
+
+MODELS: dict[str, Callable[[int], Model]] = {"mlp": mlp, "cnn": cnn, "vit": vit, "gan": gan}
+BUGS: dict[str, tuple[str, ...]] = {
+    "mlp": ("nan", "no_zero_grad", "detach"),
+    "cnn": ("nan", "no_zero_grad", "detach"),
+    "vit": ("nan", "no_zero_grad", "detach"),
+    "gan": ("leak",),
+}
+
+
+def _trainer(callbacks: list[L.Callback], steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=1, limit_train_batches=steps, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=callbacks, default_root_dir="/tmp/grad_audit_bench",
+    )
+
+
+class FirstSeen(L.Callback):
+    """The batch at whose end each finding code first appears in ``audit.findings``."""
+
+    def __init__(self, audit: GradientAudit) -> None:
+        self.audit = audit
+        self.at: dict[str, int] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        batch = trainer.fit_loop.epoch_loop.total_batch_idx
+        for f in self.audit.findings:
+            self.at.setdefault(f.code, batch)
+
+
+class SteadyClock(L.Callback):
+    """Wall time from the start of batch ``start`` to the end of training."""
+
+    def __init__(self, start: int = 100) -> None:
+        self.start = start
+        self.t0: float | None = None
+        self.seconds = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.fit_loop.epoch_loop.total_batch_idx == self.start:
+            self.t0 = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        assert self.t0 is not None
+        self.seconds = time.perf_counter() - self.t0
+
+
+def latency(name: str, bug: str, onset: int, after: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    steps = onset + after
+    if bug == "leak":
+        module: L.LightningModule = zoo.LeakingGAN(onset)
+        data = zoo.gan_data(n=4 * steps)
+    else:
+        module, data, layer = MODELS[name](steps)
+        zoo.plant(module, bug, onset, layer)
+    audit = GradientAudit(on_finding="log")
+    seen = FirstSeen(audit)
+    _trainer([audit, seen], steps).fit(module, data)
+    code = CODES[bug]
+    found = seen.at.get(code)
+    out: dict[str, Any] = {"steps": None if found is None else found - onset}
+    if bug == "nan" and found is not None:
+        finding = next(f for f in audit.findings if f.code == code)
+        per_batch = 2 if name == "gan" else 1
+        out["named"] = (
+            finding.step == onset * per_batch and finding.data.get("first_batch_idx") == onset
+        )
+    return out
+
+
+def overhead(name: str, steps: int, repeats: int) -> dict[str, Any]:
+    bare: list[float] = []
+    audited: list[float] = []
+    reports: list[dict[str, Any]] = []
+    for _ in range(repeats):
+        for with_audit in (False, True):
+            torch.manual_seed(0)
+            module, data, _ = MODELS[name](steps)
+            clock = SteadyClock()
+            callbacks: list[L.Callback] = [clock]
+            audit = GradientAudit(on_finding="log") if with_audit else None
+            if audit is not None:
+                callbacks.append(audit)
+            _trainer(callbacks, steps).fit(module, data)
+            if audit is None:
+                bare.append(clock.seconds)
+            else:
+                audited.append(clock.seconds)
+                reports.append(audit.report_extras()["overhead"])
+    last = reports[-1]
+    return {
+        "ratio_fastest": min(audited) / min(bare),
+        "ratio_median": statistics.median(audited) / statistics.median(bare),
+        "steady_measured": statistics.median(r["steady_state"]["measured"] for r in reports),
+        "step_ms": 1e3 * min(bare) / (steps - 100),
+        "one_time_s": last["one_time"]["seconds"],
+        "one_time_steps": last["one_time"]["training_steps"],
+        "watched": last["watched_share"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=600, help="batches per overhead run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--onset", type=int, default=150, help="batch where bugs start")
+    parser.add_argument("--after", type=int, default=70, help="batches run after the onset")
+    parser.add_argument("--models", default="mlp,cnn,vit,gan")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models.split(","):
+        cost = overhead(name, args.steps, args.repeats)
+        for bug in BUGS[name]:
+            found = latency(name, bug, args.onset, args.after)
+            rows.append((name, bug, found, cost))
+            steps = "not found" if found["steps"] is None else found["steps"]
+            named = {True: " (first step named)", False: " (first step NOT named)"}.get(
+                found.get("named"), ""
+            )
+            print(
+                f"{name:4s} {bug:13s} steps to finding {steps!s:>9s} "
+                f"(bound {LATENCY_BOUNDS[CODES[bug]]}){named}",
+                flush=True,
+            )
+        print(
+            f"{name:4s} step {cost['step_ms']:.2f} ms | steady wall ratio fastest "
+            f"{cost['ratio_fastest']:.3f} median {cost['ratio_median']:.3f} | audit's own "
+            f"steady measure {cost['steady_measured']:.3f} | one-time {cost['one_time_s']:.3f} s "
+            f"= {cost['one_time_steps']:.0f} steps | watched {cost['watched']:.2f}",
+            flush=True,
+        )
+    print()
+    print("| model | step (ms) | bug | steps to finding (bound) | steady wall ratio (fastest / "
+          "median) | audit's steady measure | one-time (s / steps) | watched |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, bug, found, cost in rows:
+        steps = "not found" if found["steps"] is None else str(found["steps"])
+        print(
+            f"| {name} | {cost['step_ms']:.1f} | {bug} | {steps} "
+            f"({LATENCY_BOUNDS[CODES[bug]]}) | {cost['ratio_fastest']:.3f} / "
+            f"{cost['ratio_median']:.3f} | {cost['steady_measured']:.3f} | "
+            f"{cost['one_time_s']:.2f} / {cost['one_time_steps']:.0f} | {cost['watched']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
