@@ -338,9 +338,16 @@ class AuditCallback(pl.Callback):
             tb.log_scalars(trainer, metrics, step=step)
         self._pending_scalars = {}
 
+    @property
+    def runs_once(self) -> bool:
+        """Whether the check runs once per fit, so that its chart has one point."""
+        return False
+
     def scalar_charts(self) -> dict[str, list[str]]:
-        """Custom-scalars charts of this check: chart title -> tag regexes."""
-        return {self.check_name: [f"grad_audit/{self.metric_prefix}/.*"]}
+        """Custom-scalars charts of this check: chart title -> tag regexes. The title of a check
+        that runs once says so: TensorBoard draws its one point as a lone dot."""
+        title = self.check_name + (" (runs once: one point)" if self.runs_once else "")
+        return {title: [f"grad_audit/{self.metric_prefix}/.*"]}
 
     # ------------------------------------------------------------------ lifecycle used by all
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

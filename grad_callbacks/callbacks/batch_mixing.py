@@ -187,6 +187,10 @@ class BatchMixingCheck(AuditCallback):
             "atol": self.atol,
         }
 
+    @property
+    def runs_once(self) -> bool:
+        return self.every_n_steps == 0
+
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

@@ -91,6 +91,8 @@ def test_custom_scalars_layout(broken_run: Any) -> None:
         "grad_audit/audit/watched_share",
     ]
     assert "AutogradCheck" not in charts and "Gradient norms" in charts
+    # a check that runs once says so: its chart is one point
+    assert charts["BatchMixingCheck (runs once: one point)"] == ["grad_audit/batch_mixing/.*"]
 
 
 def test_report_written_at_fit_end(broken_run: Any) -> None:
