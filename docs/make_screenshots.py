@@ -59,7 +59,7 @@ class Shot:
 
 SHOTS = (
     Shot("custom-scalars", ("forgets_zero_grad",), "#custom_scalars", height=1250),
-    Shot("per-sample", ("summed_loss", "fixed"), "#scalars&tagFilter=per_sample", height=1250),
+    Shot("per-sample", ("summed_loss", "fixed"), "#scalars&tagFilter=per_sample", height=1500),
     Shot(
         "monitor",
         ("forgets_zero_grad", "summed_loss", "fixed"),
