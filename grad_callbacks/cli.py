@@ -42,7 +42,7 @@ from grad_callbacks.render import (
     render_markdown,
     render_text,
 )
-from grad_callbacks.sinks.report import find_reports, load_report
+from grad_callbacks.sinks.report import find_reports, is_url, load_report
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -74,7 +74,7 @@ class Run:
         findings: its findings, parsed.
     """
 
-    path: Path
+    path: Path | str  # str: an fsspec URL
     title: str
     report: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
@@ -83,7 +83,9 @@ class Run:
     def label(self) -> str:
         """The run's directory as a path a reader recognises: relative to the working directory
         when under it, else its last :data:`LABEL_PARTS` components
-        (``lightning_logs/text_buggy/version_0``)."""
+        (``lightning_logs/text_buggy/version_0``); a URL's directory as it is."""
+        if isinstance(self.path, str):
+            return self.path.rsplit("/", 1)[0]
         directory = self.path.parent.resolve()
         try:
             return directory.relative_to(Path.cwd().resolve()).as_posix()
@@ -98,13 +100,20 @@ class Run:
         return slug or "run"
 
     @property
-    def directory(self) -> Path:
+    def directory(self) -> Path | str:
         """The run's log directory (where the report and the event files are)."""
+        if isinstance(self.path, str):
+            return self.path.rsplit("/", 1)[0]
         return self.path.parent
 
 
 # ---------------------------------------------------------------------------- loading
-def _title(path: Path, root: Path) -> str:
+def _title(path: Path | str, root: Path | str) -> str:
+    if isinstance(path, str):  # a URL under the URL root
+        parent, base = path.rsplit("/", 1)[0], str(root).rstrip("/")
+        rel = parent[len(base) :].strip("/") if parent.startswith(base) else ""
+        return rel or parent
+    assert isinstance(root, Path)
     base = root if root.is_dir() else root.parent
     try:
         rel = path.parent.resolve().relative_to(base.resolve())
@@ -113,7 +122,7 @@ def _title(path: Path, root: Path) -> str:
     return str(path.parent) if str(rel) == "." else rel.as_posix()
 
 
-def load_run(path: Path, root: Path) -> Run:
+def load_run(path: Path | str, root: Path | str) -> Run:
     """Load and validate one report.
 
     Raises:
@@ -139,12 +148,15 @@ def load_run(path: Path, root: Path) -> Run:
 def load_runs(run_dir: str | os.PathLike[str]) -> tuple[list[Run], list[str]]:
     """Every report under ``run_dir``: the loaded runs and the error messages of bad files.
 
-    ``run_dir`` may also be a report file under another name (e.g. a downloaded CI artifact).
+    ``run_dir`` may also be a report file under another name (e.g. a downloaded CI artifact),
+    or an fsspec URL (``s3://bucket/run``, ``memory://...``): reports are read through
+    Lightning's filesystem layer.
     """
-    root = Path(run_dir)
+    root: Path | str = str(run_dir) if is_url(run_dir) else Path(run_dir)
     runs: list[Run] = []
     errors: list[str] = []
-    for path in [root] if root.is_file() else find_reports(root):
+    paths = find_reports(root) if isinstance(root, str) or not root.is_file() else [root]
+    for path in paths:
         try:
             runs.append(load_run(path, root))
         except ReportError as exc:
@@ -182,7 +194,7 @@ def write_plots(runs: Sequence[Run], out_dir: str | os.PathLike[str], stream: Te
 # ---------------------------------------------------------------------------- commands
 def cmd_report(args: argparse.Namespace) -> int:
     """``grad-audit report``."""
-    root = Path(args.run_dir)
+    root = args.run_dir if is_url(args.run_dir) else Path(args.run_dir)
     runs, errors = load_runs(root)
     if not runs and not errors:
         print("grad-audit: " + _NOT_FOUND.format(path=root), file=sys.stderr)

@@ -40,6 +40,8 @@ from grad_callbacks.core.budget import OverheadBudget, WatchWindows
 from grad_callbacks.core.norms import NormCache
 from grad_callbacks.core.sentinel import ClearSentinel, FiniteSentinel
 from grad_callbacks.findings import Finding
+from grad_callbacks.sinks.loggers import LoggerSelection
+from grad_callbacks.sinks.loggers import describe as describe_loggers
 
 #: The checks ``GradientAudit()`` runs by default, in order.
 DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (
@@ -141,6 +143,14 @@ class GradientAudit(AuditCallback):
             when ``training_step`` has effects outside the module that a recomputation would
             repeat (a file it writes, a counter kept elsewhere). The report's
             ``recomputations`` says how many ran, per check.
+        report_dir: where to write ``grad_audit.json``: a path or an fsspec URL. None (the
+            default): the run's log directory (the first logger's, as ``trainer.log_dir``),
+            and no report when the trainer has no logger (``logger=False``), so that it never
+            lands among the checkpoints or in the working directory unasked.
+        loggers: which of the trainer's loggers get the audit's scalars (``grad_audit/...``)
+            and, for a TensorBoardLogger, its findings text, layout and histograms: ``"all"``
+            (default), ``"tensorboard"``, None (none), or a sequence of logger classes or
+            class names (see :mod:`grad_callbacks.sinks.loggers`).
     """
 
     check_name = "GradientAudit"
@@ -162,8 +172,15 @@ class GradientAudit(AuditCallback):
         on_finding: OnFinding = "warn",
         max_overhead: float | None = 0.03,
         recompute: bool = True,
+        report_dir: str | None = None,
+        loggers: LoggerSelection = "all",
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps or 1, on_finding=on_finding)
+        super().__init__(
+            every_n_steps=every_n_steps or 1,
+            on_finding=on_finding,
+            report_dir=report_dir,
+            loggers=loggers,
+        )
         self.max_overhead = max_overhead
         self.recompute = recompute
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
@@ -270,6 +287,8 @@ class GradientAudit(AuditCallback):
             "checks": [c.check_name for c in self.checks],
             # only when off: the default keeps the checkpoint state keys of earlier versions
             **({"recompute": False} if not self.recompute else {}),
+            "report_dir": self.report_dir,
+            "loggers": describe_loggers(self.loggers),
         }
 
     @property

@@ -10,7 +10,10 @@ The base class does the rest:
 * gathering findings from every DDP rank at epoch and fit end, in hooks every rank runs;
 * the outputs shared by all checks of a trainer, written once by the first audit callback (the
   *leader*): the findings text and custom-scalars layout in TensorBoard, and ``grad_audit.json``
-  at the end of fit, also when fit ends by an exception or interrupt;
+  at the end of fit, also when fit ends by an exception or interrupt, in ``report_dir`` or else
+  the run's log directory (none without a logger: see :func:`run_log_dir`), through Lightning's
+  filesystem layer (fsspec URLs work); the checks' scalars go to the loggers ``loggers``
+  selects (:mod:`grad_callbacks.sinks.loggers`);
 * ``state_dict`` / ``load_state_dict`` with a ``state_key`` derived from the settings, so
   several instances of a check can coexist in one checkpoint (computed once per fit: Lightning
   reads it at every hook call, to name the hook in its profiler);
@@ -32,7 +35,9 @@ The last two are done by a wrapper around every Lightning hook a check defines
 from __future__ import annotations
 
 import functools
+import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -55,11 +60,13 @@ from grad_callbacks.findings import (
     make_finding,
 )
 from grad_callbacks.sinks import tensorboard as tb
+from grad_callbacks.sinks.loggers import LoggerSelection, check_selection
 from grad_callbacks.sinks.report import build_report, write_report
 from grad_callbacks.sinks.warnings import warn_finding
 
 OnFinding = Literal["warn", "raise", "log"]
 _POLICIES = ("warn", "raise", "log")
+_logger = logging.getLogger(__name__)
 
 #: Every hook Lightning calls on a callback (checkpoint hooks aside).
 CALLBACK_HOOKS: tuple[str, ...] = tuple(
@@ -84,6 +91,13 @@ class AuditCallback(pl.Callback):
     Args:
         every_n_steps: run the periodic part of the check every this many optimizer steps.
         on_finding: ``"warn"`` (default), ``"raise"`` or ``"log"``.
+        report_dir: where to write ``grad_audit.json`` (a path or an fsspec URL); None: the
+            run's log directory, and no report when the trainer has no logger.
+        loggers: which of the trainer's loggers get the scalars and TensorBoard extras:
+            ``"all"``, ``"tensorboard"``, None, or logger classes or class names
+            (:mod:`grad_callbacks.sinks.loggers`). Both are also attributes, to set on a check
+            whose constructor does not take them; a check inside ``GradientAudit`` follows
+            the audit's.
     """
 
     #: Name used in findings, reports and TensorBoard tags.
@@ -96,13 +110,24 @@ class AuditCallback(pl.Callback):
     #: Short tag prefix under ``grad_audit/`` for this check's scalars.
     metric_prefix: ClassVar[str] = "check"
 
-    def __init__(self, *, every_n_steps: int = 1, on_finding: OnFinding = "warn") -> None:
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 1,
+        on_finding: OnFinding = "warn",
+        report_dir: str | None = None,
+        loggers: LoggerSelection = "all",
+    ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
         if on_finding not in _POLICIES:
             raise ValueError(f"on_finding must be one of {_POLICIES}, got {on_finding!r}")
         self.every_n_steps = every_n_steps
         self.on_finding: OnFinding = on_finding
+        self.report_dir = None if report_dir is None else str(report_dir)
+        self.loggers: LoggerSelection = check_selection(loggers)
+        #: Where the report was last written (None before, or when none was written).
+        self.report_path: str | None = None
         self._log = FindingLog()
         self._remote: dict[int, list[Finding]] = {}
         self._announced: set[tuple[str, tuple[str, ...]]] = set()
@@ -333,15 +358,25 @@ class AuditCallback(pl.Callback):
         pending = self._pending_scalars.setdefault(stamp, {})
         pending.update({prefix + k: float(v) for k, v in metrics.items()})
 
+    @property
+    def _outputs(self) -> AuditCallback:
+        """The callback whose output settings apply: the bundle's for a check inside one."""
+        return self._owner if self._owner is not None else self
+
     def _flush_scalars(self, trainer: pl.Trainer) -> None:
+        selection = self._outputs.loggers
         for step, metrics in sorted(self._pending_scalars.items()):
-            tb.log_scalars(trainer, metrics, step=step)
+            tb.log_scalars(trainer, metrics, step=step, selection=selection)
         self._pending_scalars = {}
 
     @property
     def runs_once(self) -> bool:
         """Whether the check runs once per fit, so that its chart has one point."""
         return False
+
+    def tensorboard_writer(self, trainer: pl.Trainer) -> Any | None:
+        """The ``SummaryWriter`` the check writes to (rank 0, a selected TensorBoardLogger)."""
+        return tb.tensorboard_writer(trainer, self._outputs.loggers)
 
     def scalar_charts(self) -> dict[str, list[str]]:
         """Custom-scalars charts of this check: chart title -> tag regexes. The title of a check
@@ -369,7 +404,7 @@ class AuditCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_leader:
-            writer = tb.tensorboard_writer(trainer)
+            writer = self.tensorboard_writer(trainer)
             if writer is not None:
                 charts: dict[str, list[str]] = {}
                 for check in [*audit_callbacks(trainer), self]:
@@ -480,7 +515,7 @@ class AuditCallback(pl.Callback):
         """Write the findings table when the findings differ from those it last showed (once
         per change: a run whose findings did not change since step 1 shows one table)."""
         checks = audit_callbacks(trainer)
-        writer = tb.tensorboard_writer(trainer)
+        writer = self.tensorboard_writer(trainer)
         if writer is not None:
             findings = sorted(
                 (f for c in checks for f in c.findings),
@@ -507,7 +542,21 @@ class AuditCallback(pl.Callback):
             error=error,
         )
         report.update(self.report_extras())
-        write_report(run_log_dir(trainer), report)
+        directory = self.report_dir or run_log_dir(trainer)
+        if directory is None:
+            _logger.info(
+                "grad_callbacks: the trainer has no logger, so no grad_audit.json is written "
+                "(pass report_dir=... to write one); the findings are in .findings"
+            )
+            return
+        try:
+            self.report_path = write_report(directory, report)
+        except Exception as exc:  # a full disk or an unreachable bucket must not fail the fit
+            warnings.warn(
+                f"grad_callbacks: could not write the report to {directory}: "
+                f"{type(exc).__name__}: {exc}",
+                stacklevel=2,
+            )
 
     def report_extras(self) -> dict[str, Any]:
         """Top-level fields the leader adds to the report."""
@@ -588,19 +637,23 @@ class _Guard:
         return True
 
 
-def run_log_dir(trainer: pl.Trainer) -> str:
-    """The run's log directory, as ``trainer.log_dir`` gives it, without its collective.
+def run_log_dir(trainer: pl.Trainer) -> str | None:
+    """Where the report goes by default: the run's log directory as ``trainer.log_dir`` gives
+    it (the first logger's ``log_dir`` for TensorBoard and CSV loggers, else its ``save_dir``,
+    else ``default_root_dir``), without its collective; None when the trainer has no logger.
 
-    ``Trainer.log_dir`` broadcasts from rank 0, so calling it on rank 0 alone would hang DDP.
+    Without a logger Lightning logs nothing, and ``default_root_dir`` holds the checkpoints (or
+    is the working directory): the report is not put there unasked. ``Trainer.log_dir``
+    broadcasts from rank 0, so calling it on rank 0 alone would hang DDP.
     """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-            return str(logger.log_dir)
-        return str(logger.save_dir or trainer.default_root_dir)
-    return str(trainer.default_root_dir)
+    if not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return str(logger.log_dir)
+    return str(logger.save_dir or trainer.default_root_dir)
 
 
 def audit_callbacks(trainer: pl.Trainer) -> list[AuditCallback]:

@@ -21,7 +21,6 @@ import torch
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
 from grad_callbacks.core.monitor import MonitorResult, StepObservation, observe
-from grad_callbacks.sinks import tensorboard as tb
 
 HIST_TAG = "grad_audit/monitor/grad_hist/"
 
@@ -136,7 +135,7 @@ class GradientMonitor(AuditCallback):
                 for j, p in enumerate(p for g in raw.param_groups for p in g["params"])
             ]
             bins = None
-            if self.histograms and tb.tensorboard_writer(trainer) is not None:
+            if self.histograms and self.tensorboard_writer(trainer) is not None:
                 bins = self.histogram_bins
             obs = observe(
                 named,
@@ -177,7 +176,7 @@ class GradientMonitor(AuditCallback):
         sizes = [t.numel() for t in parts]
         host = torch.cat([t.to(device) for t in parts]).cpu()  # the step's one host transfer
         several = len(self._optimizers) > 1
-        writer = tb.tensorboard_writer(trainer) if self.histograms else None
+        writer = self.tensorboard_writer(trainer) if self.histograms else None
         for (step, index, obs), chunk in zip(pending, host.split(sizes), strict=True):
             suffix = f"_opt{index}" if several else ""
             result = obs.decode(chunk)

@@ -62,33 +62,75 @@ def build_report(
     }
 
 
-def write_report(directory: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
-    """Write ``report`` as ``grad_audit.json`` in ``directory`` (atomically); returns the path."""
-    path = Path(directory) / REPORT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+def write_report(directory: str | os.PathLike[str], report: Mapping[str, Any]) -> str:
+    """Write ``report`` as ``grad_audit.json`` in ``directory``; returns the file's path.
+
+    ``directory`` is a local path or any fsspec URL (``s3://``, ``gs://``, ``memory://``),
+    written through Lightning's filesystem layer as Lightning writes its logs and checkpoints:
+    a URL writes nothing locally. A local file is replaced atomically.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    directory = str(directory)
+    fs = get_filesystem(directory)
+    path = os.path.join(directory, REPORT_NAME)
+    text = json.dumps(report, indent=2, default=str)
+    fs.makedirs(directory, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = path + ".tmp"
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "w") as f:
+            f.write(text)
     return path
 
 
-def find_reports(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Every ``grad_audit.json`` under ``run_dir`` (the directory itself included), sorted."""
-    root = Path(run_dir)
-    if root.is_file() and root.name == REPORT_NAME:
-        return [root]
-    if not root.is_dir():
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://...``, ``memory://...``), not a local path."""
+    return "://" in str(path)
+
+
+def find_reports(run_dir: str | os.PathLike[str]) -> list[Path] | list[str]:
+    """Every ``grad_audit.json`` under ``run_dir`` (the directory itself included), sorted.
+
+    ``run_dir`` may be an fsspec URL: the reports are then given as URL strings.
+    """
+    if is_url(str(run_dir)):
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        fs = get_filesystem(str(run_dir))
+        root = str(run_dir).rstrip("/")
+        if fs.isfile(root):
+            return [root] if root.endswith("/" + REPORT_NAME) else []
+        if not fs.isdir(root):
+            return []
+        # fsspec lists bare paths: put them back under the URL as the user spelt it
+        bare = fs._strip_protocol(root)
+        found = [p for p in fs.find(root) if p.rsplit("/", 1)[-1] == REPORT_NAME]
+        return sorted(root + p[len(bare) :] for p in found)
+    root_path = Path(run_dir)
+    if root_path.is_file() and root_path.name == REPORT_NAME:
+        return [root_path]
+    if not root_path.is_dir():
         return []
-    return sorted(root.rglob(REPORT_NAME))
+    return sorted(root_path.rglob(REPORT_NAME))
 
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a report written by :func:`write_report`.
+    """Read a report written by :func:`write_report` (a local path or an fsspec URL).
 
     Raises:
         ValueError: when the file is not a grad_audit report.
     """
-    data = json.loads(Path(path).read_text())
+    if is_url(str(path)):
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        with get_filesystem(str(path)).open(str(path), "r") as f:
+            data = json.loads(f.read())
+    else:
+        data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or "schema_version" not in data or "findings" not in data:
         raise ValueError(f"{path} is not a grad_audit report")
     return data

@@ -1,7 +1,9 @@
 """The TensorBoard sink: findings as a text table, the custom-scalars layout, scalars.
 
-Scalars go through every attached Lightning logger (so CSV and other loggers get them too);
-text and the layout need a ``TensorBoardLogger``. Everything is written from global rank 0 only.
+Scalars go through the attached Lightning loggers the audit's ``loggers`` selection names (by
+default every one, so CSV and other loggers get them too: :mod:`grad_callbacks.sinks.loggers`);
+text and the layout need a selected ``TensorBoardLogger``. Everything is written from global
+rank 0 only.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from grad_callbacks.findings import Finding
+from grad_callbacks.sinks import loggers
+from grad_callbacks.sinks.loggers import LoggerSelection
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -18,24 +22,28 @@ FINDINGS_TAG = "grad_audit/findings"
 LAYOUT_TITLE = "Gradient audit"
 
 
-def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
-    """The ``SummaryWriter`` of the trainer's first TensorBoardLogger, on rank 0; else None."""
-    from lightning.pytorch.loggers import TensorBoardLogger
+def tensorboard_writer(trainer: pl.Trainer, selection: LoggerSelection = "all") -> Any | None:
+    """The ``SummaryWriter`` of the first selected TensorBoardLogger, on rank 0; else None.
 
+    ``selection``: which of the trainer's loggers the audit writes to
+    (:mod:`grad_callbacks.sinks.loggers`).
+    """
     if not trainer.is_global_zero:
         return None
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
+    return loggers.tensorboard_writer(loggers.select_loggers(trainer.loggers, selection))
 
 
-def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
-    """Send scalars to every logger of the trainer (rank 0 only), stamped with ``step``."""
+def log_scalars(
+    trainer: pl.Trainer,
+    metrics: Mapping[str, float],
+    step: int,
+    selection: LoggerSelection = "all",
+) -> None:
+    """Send scalars to the selected loggers of the trainer (rank 0 only), stamped with ``step``,
+    called as Lightning calls them: ``log_metrics(metrics=..., step=...)``."""
     if not metrics or not trainer.is_global_zero:
         return
-    for logger in trainer.loggers:
-        logger.log_metrics(dict(metrics), step=step)
+    loggers.log_scalars(loggers.select_loggers(trainer.loggers, selection), metrics, step)
 
 
 def _cell(text: str) -> str:

@@ -56,13 +56,8 @@ def test_audit_under_a_sharded_strategy_skips_with_the_reason_and_leaves_trainin
     # A run with a bug the checks would catch (no zero_grad), so silence means they did not run.
     model = zoo.NoZeroGradAutomatic()
     reference = copy.deepcopy(model)
-    audit = GradientAudit(every_n_steps=1)
-    trainer = zoo.fit(
-        model,
-        [audit],
-        strategy=ShardedForTest(device=torch.device("cpu")),
-        default_root_dir=str(tmp_path),
-    )
+    audit = GradientAudit(every_n_steps=1, report_dir=str(tmp_path))
+    trainer = zoo.fit(model, [audit], strategy=ShardedForTest(device=torch.device("cpu")))
     zoo.fit(reference, [], strategy=ShardedForTest(device=torch.device("cpu")))
     assert trainer.global_step > 0
     for name, p in model.named_parameters():

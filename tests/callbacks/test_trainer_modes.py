@@ -43,7 +43,7 @@ def test_limit_train_batches_and_max_steps_mid_epoch() -> None:
 
 
 def test_validation_only_run_touches_nothing(tmp_path: Path) -> None:
-    audit = GradientAudit()
+    audit = GradientAudit(report_dir=str(tmp_path))
     module = WithValidation()
     before = zoo.params_of(module)
     trainer = L.Trainer(

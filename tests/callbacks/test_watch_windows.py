@@ -210,7 +210,8 @@ def test_windows_leave_training_bitwise_unchanged(case: str) -> None:
 
 def test_the_report_states_the_share_of_batches_watched(tmp_path: Path) -> None:
     audit = _audit(on_finding="log")
-    zoo.fit(zoo.MLP(), [audit], data=_data(), default_root_dir=str(tmp_path))
+    audit.report_dir = str(tmp_path)
+    zoo.fit(zoo.MLP(), [audit], data=_data())
     report = json.loads((tmp_path / "grad_audit.json").read_text())
     overhead = report["overhead"]
     assert overhead["watched_share"] == pytest.approx(len(_watched(4)) / BATCHES, abs=1e-6)

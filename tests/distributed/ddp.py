@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def ddp_trainer(out: str, callbacks: Sequence[Any], **kwargs: Any) -> Any:
-    """A 2-process CPU DDP Trainer with everything but the callbacks switched off."""
+    """A 2-process CPU DDP Trainer with everything but the callbacks switched off; the audit
+    callbacks write their report to ``out`` (without a logger, only where asked)."""
     import lightning as L
+
+    from grad_callbacks.callbacks.base import AuditCallback
+
+    for callback in callbacks:
+        if isinstance(callback, AuditCallback):
+            callback.report_dir = out
 
     settings: dict[str, Any] = dict(
         accelerator="cpu",

@@ -136,17 +136,17 @@ class _InterruptAtBatch3(zoo.MLP):
 
 
 def test_report_written_on_keyboard_interrupt(tmp_path: Path) -> None:
-    audit = GradientAudit()
+    audit = GradientAudit(report_dir=str(tmp_path))
     with pytest.raises(SystemExit):  # Lightning exits after its graceful shutdown
-        zoo.fit(_InterruptAtBatch3(), [audit], default_root_dir=tmp_path)
+        zoo.fit(_InterruptAtBatch3(), [audit])
     report = load_report(tmp_path / "grad_audit.json")
     assert report["status"] == "interrupted"
     assert report["checks"][0]["steps_checked"] == 3
 
 
-def test_no_logger_writes_report_in_default_root_dir(tmp_path: Path) -> None:
-    zoo.fit(zoo.MLP(), [GradientAudit()], default_root_dir=tmp_path)
-    report = load_report(tmp_path / "grad_audit.json")
+def test_no_logger_writes_report_in_report_dir_only(tmp_path: Path) -> None:
+    zoo.fit(zoo.MLP(), [GradientAudit(report_dir=str(tmp_path / "audit"))])
+    report = load_report(tmp_path / "audit" / "grad_audit.json")
     assert report["findings"] == [] and report["status"] == "finished"
 
 
@@ -160,8 +160,9 @@ def test_csv_logger_gets_the_scalars_too(tmp_path: Path) -> None:
 def test_two_standalone_checks_write_one_report(tmp_path: Path) -> None:
     # Instances need distinct settings: Lightning requires unique state keys.
     first = ZeroGradCheck(on_finding="log")
+    first.report_dir = str(tmp_path)  # the leader's setting applies
     second = ZeroGradCheck(on_finding="log", every_n_steps=2)
-    zoo.fit(zoo.ManualMLP(zero_grad=False), [first, second], default_root_dir=tmp_path)
+    zoo.fit(zoo.ManualMLP(zero_grad=False), [first, second])
     report = load_report(tmp_path / "grad_audit.json")
     assert len(report["checks"]) == 2
     assert len(report["findings"]) == 2
