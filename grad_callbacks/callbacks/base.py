@@ -544,7 +544,7 @@ class AuditCallback(pl.Callback):
         report.update(self.report_extras())
         directory = self.report_dir or run_log_dir(trainer)
         if directory is None:
-            _logger.info(
+            _logger.debug(
                 "grad_callbacks: the trainer has no logger, so no grad_audit.json is written "
                 "(pass report_dir=... to write one); the findings are in .findings"
             )
