@@ -33,10 +33,10 @@ class HookCounter(L.Callback):
 
 
 def test_in_gradient_audit_and_dormant_on_a_single_process(tmp_path: Path) -> None:
-    audit = GradientAudit(on_finding="log")
+    audit = GradientAudit(on_finding="log", report_dir=str(tmp_path))
     (check,) = [c for c in audit.checks if isinstance(c, RankSyncCheck)]
     counter = HookCounter()
-    zoo.fit(zoo.MLP(), [audit, counter], default_root_dir=str(tmp_path))
+    zoo.fit(zoo.MLP(), [audit, counter])
     assert counter.counts and set(counter.counts) == {0}
     assert check.findings == [] and check.steps_checked == 0
     (report,) = tmp_path.rglob("grad_audit.json")

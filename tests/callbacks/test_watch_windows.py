@@ -220,10 +220,10 @@ def test_the_report_states_the_share_of_batches_watched(tmp_path: Path) -> None:
 
 
 def test_the_report_states_one_time_and_steady_cost_and_the_bounds(tmp_path: Path) -> None:
-    audit = GradientAudit(on_finding="log")
+    audit = GradientAudit(on_finding="log", report_dir=str(tmp_path))
     assert audit.budget is not None
     audit.budget.steady_from = 20
-    zoo.fit(zoo.MLP(), [audit], data=_data(), default_root_dir=str(tmp_path))
+    zoo.fit(zoo.MLP(), [audit], data=_data())
     overhead = json.loads((tmp_path / "grad_audit.json").read_text())["overhead"]
     one, steady = overhead["one_time"], overhead["steady_state"]
     # the first batch carries the first runs of the expensive checks: it is the one-time part
