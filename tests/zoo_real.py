@@ -18,6 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.demos import LightningLSTM, LightningTransformer
 from lightning.pytorch.demos.lstm import SimpleLSTM
+from lightning.pytorch.demos.transformer import PositionalEncoding, Transformer
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -107,13 +108,25 @@ class HFModule(L.LightningModule):
             ``"vit"`` (image classification).
         gradient_checkpointing: turn on the model's gradient checkpointing.
         lr: SGD learning rate.
+        packed_attention: plant a batch-mixing bug: every attention layer runs
+            :func:`packed_attention` (registered with ``transformers.AttentionInterface``, as a
+            user registers a custom kernel), which packs the batch into one sequence and
+            broadcasts the padding mask across it instead of a block-diagonal mask.
     """
 
-    def __init__(self, kind: str = "gpt2", gradient_checkpointing: bool = False, lr: float = 0.05):
+    def __init__(
+        self,
+        kind: str = "gpt2",
+        gradient_checkpointing: bool = False,
+        lr: float = 0.05,
+        packed_attention: bool = False,
+    ):
         super().__init__()
         self.kind = kind
         self.lr = lr
         self.model = build_hf_model(kind)
+        if packed_attention:
+            self.model.set_attn_implementation(register_packed_attention())
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -179,6 +192,46 @@ def build_hf_model(kind: str) -> nn.Module:
     raise ValueError(f"unknown model kind {kind!r}")
 
 
+PACKED = "packed_broadcast_mask"
+
+
+def packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A sequence-packing attention with a bug: the batch ``(B, heads, T, d)`` is packed into one
+    sequence of ``B * T`` tokens and the padding mask is broadcast across it, where a
+    block-diagonal mask was needed: every token attends to the other samples' tokens."""
+    b, h, tq, d = query.shape
+    tk = key.shape[2]
+    q = query.transpose(0, 1).reshape(h, b * tq, d)
+    k = key.transpose(0, 1).reshape(h, b * tk, d)
+    v = value.transpose(0, 1).reshape(h, b * tk, d)
+    scores = q @ k.transpose(1, 2) * (scaling if scaling is not None else d**-0.5)
+    if attention_mask is not None:  # bool (B, 1, Tq, Tk), True where a query may attend
+        keys = attention_mask[:, 0].any(dim=1).reshape(1, 1, b * tk)
+        scores = scores.masked_fill(~keys, float("-inf"))
+    out = scores.softmax(dim=-1) @ v  # (heads, B * Tq, d)
+    return out.reshape(h, b, tq, d).permute(1, 2, 0, 3).contiguous(), None
+
+
+def register_packed_attention() -> str:
+    """Register :func:`packed_attention` (and the SDPA padding mask for it) with
+    ``transformers``; returns its name for ``set_attn_implementation``."""
+    tf = require_transformers()
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    tf.AttentionInterface.register(PACKED, packed_attention)
+    AttentionMaskInterface.register(PACKED, sdpa_mask)
+    return PACKED
+
+
 def hf_loader(kind: str, batch_size: int = 8, n: int = 32) -> DataLoader:
     """Random data in the form ``kind`` trains on."""
     if kind == "vit":
@@ -197,13 +250,20 @@ class DemoLSTM(LightningLSTM):
         vocab_size: the token vocabulary.
         nhid: when given, the demo's ``SimpleLSTM`` is built with this embedding and hidden size
             and 2 layers (the demo's 512 and 4 layers make per-sample tests slow on a CPU).
+        view_bug: plant :class:`SequenceFirstLSTM` (a ``view`` where a ``transpose`` was
+            needed) in place of the demo's ``SimpleLSTM``.
     """
 
-    def __init__(self, vocab_size: int = VOCAB, nhid: int | None = None) -> None:
+    def __init__(
+        self, vocab_size: int = VOCAB, nhid: int | None = None, view_bug: bool = False
+    ) -> None:
         super().__init__(vocab_size=vocab_size)
         self.vocab_size = vocab_size
-        if nhid is not None:
-            self.model = SimpleLSTM(vocab_size=vocab_size, ninp=nhid, nhid=nhid, nlayers=2)
+        sizes = {"ninp": nhid, "nhid": nhid, "nlayers": 2} if nhid is not None else {}
+        if view_bug:
+            self.model = SequenceFirstLSTM(vocab_size, **sizes)
+        elif nhid is not None:
+            self.model = SimpleLSTM(vocab_size=vocab_size, **sizes)
 
     def prepare_data(self) -> None:  # WikiText2 would download
         pass
@@ -217,17 +277,52 @@ class DemoLSTM(LightningLSTM):
 
 class DemoTransformer(LightningTransformer):
     """``lightning.pytorch.demos.LightningTransformer`` (``forward(inputs, target)``) on random
-    tokens. Its ``training_step`` is Lightning's own, unchanged."""
+    tokens. Its ``training_step`` is Lightning's own, unchanged.
 
-    def __init__(self, vocab_size: int = VOCAB) -> None:
+    ``small`` builds its ``Transformer`` with width 16 and one layer each side (Lightning's: 200
+    and two); ``batch_pool`` plants :class:`BatchPooledEncoding`."""
+
+    def __init__(
+        self, vocab_size: int = VOCAB, batch_pool: bool = False, small: bool = False
+    ) -> None:
         super().__init__(vocab_size=vocab_size)
         self.vocab_size = vocab_size
+        if small:
+            self.model = Transformer(vocab_size, ninp=16, nhead=2, nhid=16, nlayers=1)
+        if batch_pool:
+            self.model.pos_encoder = BatchPooledEncoding(self.model.ninp)
 
     def prepare_data(self) -> None:
         pass
 
     def train_dataloader(self) -> DataLoader:
         return sequence_loader(vocab=self.vocab_size, batch_size=8)
+
+
+class SequenceFirstLSTM(SimpleLSTM):
+    """Lightning's ``SimpleLSTM`` moved to a sequence-first LSTM, with a bug: the batch-first
+    embeddings ``(B, T, H)`` are put in ``(T, B, H)`` by a ``view`` instead of a ``transpose``,
+    which interleaves the samples."""
+
+    def __init__(self, vocab_size: int, **sizes: int) -> None:
+        super().__init__(vocab_size=vocab_size, **sizes)
+        self.rnn = nn.LSTM(self.rnn.input_size, self.nhid, self.nlayers, dropout=0.2)
+
+    def forward(self, input: torch.Tensor, hidden: Any) -> tuple[torch.Tensor, Any]:
+        emb = self.drop(self.encoder(input))
+        b, t, h = emb.shape
+        output, hidden = self.rnn(emb.view(t, b, h), hidden)  # meant: emb.transpose(0, 1)
+        output = self.drop(output.transpose(0, 1))
+        decoded = self.decoder(output).reshape(-1, self.vocab_size)
+        return F.log_softmax(decoded, dim=1), hidden
+
+
+class BatchPooledEncoding(PositionalEncoding):
+    """Lightning's ``PositionalEncoding`` with a bug: it adds the mean over the batch axis (meant:
+    over the sequence) as a global context vector."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + x.mean(dim=0, keepdim=True))
 
 
 # --------------------------------------------------------------------- recurrent models
@@ -238,11 +333,20 @@ class RNNTagger(L.LightningModule):
         cell: ``"lstm"`` or ``"gru"``.
         batch_first: the recurrent layer's layout; with ``False`` the model transposes to
             sequence-first and back (where a ``view`` in place of ``transpose`` mixes samples).
+        view_bug: with ``batch_first=False``, plant that bug: ``x.view(T, B, H)`` instead of
+            ``x.transpose(0, 1)`` before the recurrent layer.
     """
 
-    def __init__(self, cell: str = "lstm", batch_first: bool = False, hidden: int = 16):
+    def __init__(
+        self,
+        cell: str = "lstm",
+        batch_first: bool = False,
+        hidden: int = 16,
+        view_bug: bool = False,
+    ):
         super().__init__()
         self.batch_first = batch_first
+        self.view_bug = view_bug
         self.embed = nn.Embedding(VOCAB, hidden)
         rnn = nn.LSTM if cell == "lstm" else nn.GRU
         self.rnn = rnn(hidden, hidden, batch_first=batch_first)
@@ -253,7 +357,8 @@ class RNNTagger(L.LightningModule):
         if self.batch_first:
             out, _ = self.rnn(x)
         else:
-            out, _ = self.rnn(x.transpose(0, 1))  # (T, B, H)
+            b, t, h = x.shape
+            out, _ = self.rnn(x.view(t, b, h) if self.view_bug else x.transpose(0, 1))  # (T, B, H)
             out = out.transpose(0, 1)
         return self.head(out)
 

@@ -23,14 +23,18 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.recompute import stood_in
+from grad_callbacks.callbacks.recompute import stood_in, training_step_compiled
+from grad_callbacks.core.batch import batch_size
 from grad_callbacks.core.batch_mixing import (
     CannotCheckMixing,
     Mixing,
+    ModelCall,
     batch_size_of,
     default_sample_indices,
     find_batch_mixing,
 )
+from grad_callbacks.core.batch_mixing.leaves import _tensors
+from grad_callbacks.core.batch_mixing.record import CallRecorder, RecordedCall
 from grad_callbacks.findings import CODES, Finding, make_finding
 
 InputMapping = Callable[[Any], Any]
@@ -175,6 +179,11 @@ class BatchMixingCheck(AuditCallback):
         self.atol = float(atol)
         self._ran_this_fit = False
         self._last_step: int | None = None
+        self._recorder: CallRecorder | None = None
+        #: The calls the last run tested (``pl_module.generator(z)``), and those it could not,
+        #: with the reason.
+        self.tested_calls: list[str] = []
+        self.untested_calls: list[tuple[str, str]] = []
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -206,7 +215,45 @@ class BatchMixingCheck(AuditCallback):
         self._last_step = trainer.global_step
         with self.timed(), self.guarded("the batch-mixing test"):
             self.steps_checked += 1
-            self._check(trainer, pl_module, batch)
+            if self._records(pl_module):
+                # The test runs at the end of the batch, on the calls the step makes.
+                self._recorder = CallRecorder(pl_module).start()
+            else:
+                self._check(trainer, pl_module, batch)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            with self.timed(), self.guarded("the batch-mixing test"):
+                calls = recorder.stop()
+                if calls:
+                    self._check_calls(trainer, pl_module, calls, batch)
+                else:  # the step called neither forward nor a child module through __call__
+                    self._check(trainer, pl_module, batch)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def release(self) -> None:
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
+
+    def _skip(self, reason: str) -> None:
+        """check-skipped, stamped with the step of the batch checked (the test of recorded calls
+        runs at the end of the batch, after the optimizer step)."""
+        self.skip(reason, step=self._last_step)
+
+    def _records(self, pl_module: pl.LightningModule) -> bool:
+        """Whether to test the calls the step makes (else the guessed or configured input)."""
+        explicit = self.input_mapping is not None or self.forward_fn is not None
+        # Hooks inside a compiled training_step would make dynamo recompile it.
+        return not explicit and not training_step_compiled(pl_module)
 
     def _due(self, step: int) -> bool:
         if not self._ran_this_fit:
@@ -232,7 +279,7 @@ class BatchMixingCheck(AuditCallback):
         example = getattr(pl_module, "example_input_array", None)
         if example is not None:
             return move_data_to_device(example, pl_module.device), "example_input_array"
-        self.skip(
+        self._skip(
             f"cannot find the model's input in a batch of type {type(batch).__name__} (no tensor, "
             f"and pl_module.example_input_array is not set); {_CONFIGURE}"
         )
@@ -245,7 +292,7 @@ class BatchMixingCheck(AuditCallback):
             return (lambda inputs: fn(pl_module, inputs)), "forward_fn(pl_module, inputs)"
         target = _forward_target(pl_module)
         if target is None:
-            self.skip(
+            self._skip(
                 f"{type(pl_module).__name__} does not implement forward and has several "
                 f"submodules; pass BatchMixingCheck(forward_fn=lambda pl_module, inputs: ...) "
                 f"that runs the model on the inputs"
@@ -255,6 +302,8 @@ class BatchMixingCheck(AuditCallback):
         return (lambda inputs: _call(module, inputs)), f"{name}(inputs)"
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """The test on the input found in the batch (or configured), run as configured."""
+        self.tested_calls, self.untested_calls = [], []
         runner = self._runner(pl_module)
         if runner is None:
             return
@@ -267,10 +316,10 @@ class BatchMixingCheck(AuditCallback):
         inputs = precision.convert_input(inputs)
         size = batch_size_of(inputs)
         if size is None:
-            self.skip(f"{source} holds no tensor with a batch dimension; {_CONFIGURE}")
+            self._skip(f"{source} holds no tensor with a batch dimension; {_CONFIGURE}")
             return
         if size < 2:
-            self.skip(
+            self._skip(
                 f"{source} has batch size {size}: mixing needs at least two samples; train with "
                 f"a batch size of 2 or more, or set every_n_steps so that a later batch is checked"
             )
@@ -293,20 +342,93 @@ class BatchMixingCheck(AuditCallback):
                 atol=self.atol,
             )
         except CannotCheckMixing as exc:
-            self.skip(f"{exc} (inputs from {source}); {_CONFIGURE}")
+            self._skip(f"{exc} (inputs from {source}); {_CONFIGURE}")
             return
         except _ForwardFailed as exc:
-            self.skip(f"{how} with inputs from {source} failed: {exc}; {_CONFIGURE}")
+            self._skip(f"{how} with inputs from {source} failed: {exc}; {_CONFIGURE}")
             return
+        self.tested_calls = [how.replace("(inputs)", f"({source})")]
         self.queue_scalars({"mixing_pairs": sum(len(m.sources) for m in mixings)})
+        self._report_mixings(mixings, size, type(pl_module).__name__, None)
+
+    def _check_calls(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        calls: list[RecordedCall],
+        batch: Any,
+    ) -> None:
+        """The test on every call the training step made, with the inputs it made it with."""
+        self.tested_calls, self.untested_calls = [], []
+        precision = trainer.precision_plugin
+        batch_b = batch_size(batch) or batch_size_of(batch)
+        pairs = 0
+        for recorded in calls:
+            target = "pl_module" + (f".{recorded.target}" if recorded.target else "")
+            described = recorded.call.describe(target)
+            size = _call_batch_size(recorded.call, batch_b)
+            if size is None or size < 2:
+                why = (
+                    "its inputs hold no tensor with a batch dimension"
+                    if size is None
+                    else f"batch size {size}: mixing needs at least two samples; train with a "
+                    f"batch size of 2 or more"
+                )
+                self.untested_calls.append((described, why))
+                continue
+            try:
+                mixings = find_batch_mixing(
+                    self._call_forward(precision, pl_module, recorded),
+                    recorded.call,
+                    sample_indices=default_sample_indices(size, self.sample_count),
+                    module=pl_module,
+                    atol=self.atol,
+                    batch_size=size,
+                )
+            except CannotCheckMixing as exc:
+                self.untested_calls.append((described, str(exc)))
+                continue
+            except _ForwardFailed as exc:
+                self.untested_calls.append((described, f"running it again failed: {exc}"))
+                continue
+            self.tested_calls.append(described)
+            pairs += sum(len(m.sources) for m in mixings)
+            self._report_mixings(mixings, size, type(pl_module).__name__, described)
+        if not self.tested_calls:
+            reasons = "; ".join(f"{call}: {why}" for call, why in self.untested_calls)
+            self._skip(
+                f"no call training_step made into {type(pl_module).__name__} or its child "
+                f"modules could be tested ({reasons}); {_CONFIGURE}"
+            )
+            return
+        self.queue_scalars({"mixing_pairs": pairs})
+
+    def _call_forward(
+        self, precision: Any, pl_module: pl.LightningModule, recorded: RecordedCall
+    ) -> Callable[[Any], Any]:
+        mapping = self.output_mapping if recorded.target == "" else None
+
+        def forward(call: ModelCall) -> Any:
+            try:
+                with precision.forward_context(), stood_in(pl_module):
+                    out = call.run(recorded.module)
+            except Exception as exc:
+                raise _ForwardFailed(f"{type(exc).__name__}: {exc}") from exc
+            return mapping(out) if mapping is not None else out
+
+        return forward
+
+    def _report_mixings(
+        self, mixings: list[Mixing], size: int, root: str, call: str | None
+    ) -> None:
         by_module: dict[str | None, list[Mixing]] = {}
         for m in mixings:
             by_module.setdefault(m.module, []).append(m)
         for module_name, group in by_module.items():
-            self.report(self._finding(group, module_name, size, type(pl_module).__name__))
+            self.report(self._finding(group, module_name, size, root, call))
 
     def _finding(
-        self, group: list[Mixing], module_name: str | None, size: int, root: str
+        self, group: list[Mixing], module_name: str | None, size: int, root: str, call: str | None
     ) -> Finding:
         outputs = list(dict.fromkeys(m.output for m in group))
         inputs = list(dict.fromkeys(name for m in group for name in m.inputs))
@@ -320,8 +442,15 @@ class BatchMixingCheck(AuditCallback):
             parts.append(f"{output}: {said}" if len(outputs) > 1 or output != "output" else said)
         biggest = max(group, key=lambda m: m.magnitude)
         first = group[0]
+        after = f", after `{first.previous_module}`" if first.previous_module else ""
         if module_name is None:
             where = "The module where samples first mix could not be determined."
+        elif first.next_module is not None:
+            where = (
+                f"Samples mix in the code of `{module_name}` ({first.module_type}).forward"
+                f"{after}, before its call of `{first.next_module}`, whose inputs already mix "
+                f"while no module output before them does."
+            )
         elif module_name == root and first.module_type == root:
             where = (
                 f"No submodule's output mixes samples before the output of {root} itself: the "
@@ -339,11 +468,14 @@ class BatchMixingCheck(AuditCallback):
                 )
             else:
                 where += ": the mixing is inside it or in the code that feeds it."
+        rows = f" ({first.rows} rows per sample)" if first.rows > 1 else ""
         message = (
-            f"Samples of a batch of {size} mix: {' | '.join(parts)} (largest input gradient on "
-            f"another sample {biggest.magnitude:.3g}, against {biggest.own_magnitude:.3g} on the "
-            f"sample's own input; through {', '.join(inputs)}). {where} BatchNorm layers were run "
-            f"in eval mode, so batch statistics are not the cause. "
+            (f"In the call `{call}` that training_step made: " if call else "")
+            + f"Samples of a batch of {size} mix{rows}: {' | '.join(parts)} (largest input "
+            f"gradient on another sample {biggest.magnitude:.3g}, against "
+            f"{biggest.own_magnitude:.3g} on the sample's own input; through "
+            f"{', '.join(inputs)}). {where} BatchNorm layers were run in eval mode, so batch "
+            f"statistics are not the cause. "
             f"Fix: {CODES['batch-mixing'].fix}. If the model compares samples by design "
             f"(contrastive logits, in-batch negatives), point output_mapping at its per-sample "
             f"outputs."
@@ -351,17 +483,30 @@ class BatchMixingCheck(AuditCallback):
         return make_finding(
             "batch-mixing",
             check=self.check_name,
-            step=self.current_step,
+            step=self._last_step if self._last_step is not None else self.current_step,
             message=message,
             params=(module_name,) if module_name is not None else (),
             data={
                 "outputs": outputs,
-                "pairs": sorted([i, j] for m in group for i, j in m.pairs),
+                "pairs": [list(p) for p in sorted({p for m in group for p in m.pairs})],
                 "max_grad": biggest.magnitude,
                 "own_grad": biggest.own_magnitude,
                 "inputs": inputs,
                 "module_type": first.module_type,
                 "previous_module": first.previous_module,
+                "next_module": first.next_module,
                 "batch_size": size,
+                "call": call,
+                "rows_per_sample": first.rows,
             },
         )
+
+
+def _call_batch_size(call: ModelCall, batch_b: int | None) -> int | None:
+    """The batch size of a recorded call: the training batch's when one of the call's tensors
+    has it on dim 0, else the size of dim 0 of the call's first tensor (a step that draws its
+    own inputs, a GAN's noise of another size)."""
+    sizes = [t.shape[0] for _, t in _tensors(call, "") if t.dim() > 0]
+    if batch_b is not None and batch_b in sizes:
+        return batch_b
+    return int(sizes[0]) if sizes else None

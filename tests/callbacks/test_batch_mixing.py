@@ -49,13 +49,22 @@ BROKEN: dict[str, Callable[[], tuple[Any, DataLoader | None, dict[str, Any]]]] =
     "token-mean": lambda: (zoo_mixing.TokenMeanOverBatch(mix=True), zoo_mixing.token_data(), {}),
 }
 EXPECTED = {  # params, pairs, outputs, inputs
-    "fold": (("model.mixer",), [[0, 1], [2, 3], [3, 2]], ["output"], ["input"]),
-    "transpose": (("model.mixer",), ALL_BUT_0, ["output"], ["input"]),
-    "mean-dim0": (("head",), ALL_BUT_0, ["output"], ["input"]),
-    "two-in-two-out": (("head_b",), [[0, 3], [2, 1], [3, 2]], ["output[1]"], ["input[0]"]),
-    "dict-out": (("pool",), ALL_BUT_0, ["output['score']"], ["input"]),
-    "transformer": (("attn",), ALL_BUT_0, ["output"], ["tok output for input"]),
-    "token-mean": (("head",), ALL_BUT_0, ["output"], ["emb output for input"]),
+    "fold": (("model.mixer",), [[0, 1], [2, 3], [3, 2]], ["output"], ["x"]),
+    "transpose": (("model.mixer",), ALL_BUT_0, ["output"], ["x"]),
+    "mean-dim0": (("MeanOverDim0",), ALL_BUT_0, ["output"], ["x"]),
+    "two-in-two-out": (("TwoInTwoOut",), [[0, 3], [2, 1], [3, 2]], ["output[1]"], ["input[0]"]),
+    "dict-out": (("pool",), ALL_BUT_0, ["output['score']"], ["x"]),
+    "transformer": (("attn",), ALL_BUT_0, ["output"], ["tok output for ids"]),
+    "token-mean": (("TokenMeanOverBatch",), ALL_BUT_0, ["output"], ["emb output for ids"]),
+}
+
+
+# Mixing in a module's own code, before its call of this submodule.
+CODE_LEVEL = {"mean-dim0": "head", "token-mean": "head", "two-in-two-out": "head_b"}
+TESTED = {
+    "transformer": "pl_module(ids)",
+    "token-mean": "pl_module(ids)",
+    "two-in-two-out": "pl_module(input_mapping(batch))",
 }
 
 
@@ -73,8 +82,15 @@ def test_mixing_models_fire_with_the_pairs_and_the_first_mixing_module(case: str
     assert finding.data["outputs"] == outputs
     assert finding.data["inputs"] == inputs
     assert finding.data["max_grad"] > 0
-    assert f"The first module whose output mixes samples is `{params[0]}`" in finding.message
+    if case in CODE_LEVEL:
+        assert f"Samples mix in the code of `{params[0]}` ({params[0]}).forward" in (
+            finding.message
+        )
+        assert f"before its call of `{CODE_LEVEL[case]}`, whose inputs" in finding.message
+    else:
+        assert f"The first module whose output mixes samples is `{params[0]}`" in finding.message
     assert check.steps_checked == 1
+    assert check.tested_calls == [TESTED.get(case, "pl_module(x)")]
 
 
 def test_message_names_samples_output_module_and_fix() -> None:
@@ -87,12 +103,14 @@ def test_message_names_samples_output_module_and_fix() -> None:
     assert "Fix: look for view/reshape/permute across the batch dimension" in message
 
 
-def test_dict_output_message_names_the_output_key() -> None:
+def test_dict_output_message_names_the_call_and_the_output_key() -> None:
     check = BatchMixingCheck(on_finding="log")
     _fit(zoo_mixing.DictOut(), check)
     assert check.findings[0].message.startswith(
-        "Samples of a batch of 4 mix: output['score']: the output of sample 0 depends"
+        "In the call `pl_module(x)` that training_step made: Samples of a batch of 4 mix: "
+        "output['score']: the output of sample 0 depends"
     )
+    assert check.findings[0].data["call"] == "pl_module(x)"
 
 
 def test_mixing_in_the_top_level_forward_is_attributed_to_it() -> None:
@@ -160,22 +178,26 @@ def test_clean_models_are_silent(case: str) -> None:
 def test_batchnorm_running_stats_untouched_by_the_check() -> None:
     seen: dict[str, Any] = {}
 
-    class Spy(BatchMixingCheck):
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+    class Spy(BatchMixingCheck):  # the test of the recorded calls runs at the end of the batch
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             bn = pl_module.net[1]
             before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
-            super().on_train_batch_start(trainer, pl_module, batch, i)
+            grads = [p.grad.clone() for p in pl_module.parameters()]
+            super().on_train_batch_end(trainer, pl_module, *args)
             after = (bn.running_mean, bn.running_var, int(bn.num_batches_tracked))
             seen["same"] = torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
             seen["tracked"] = (before[2], after[2])
             seen["training"] = bn.training
-            seen["grads"] = [p.grad for p in pl_module.parameters()]
+            seen["grads"] = all(
+                torch.equal(g, p.grad) for g, p in zip(grads, pl_module.parameters(), strict=True)
+            )
 
     check = Spy()
     _fit(zoo_mixing.BatchNormNet(), check, limit_train_batches=1)
     assert check.steps_checked == 1 and check.findings == []
-    assert seen["same"] and seen["tracked"] == (0, 0) and seen["training"]
-    assert seen["grads"] == [None] * 6  # first batch: nothing written to .grad
+    assert check.tested_calls == ["pl_module(x)"]
+    assert seen["same"] and seen["tracked"] == (1, 1) and seen["training"]
+    assert seen["grads"]  # nothing written to .grad
 
 
 # ---------------------------------------------------------------------------------- skipped
@@ -184,7 +206,9 @@ def test_batch_size_1_is_skipped_and_training_goes_on() -> None:
     trainer = _fit(zoo.MLP(), check, data=zoo.regression_data(n=4, batch_size=1))
     finding = _only(check.findings, "check-skipped")
     assert finding.severity == "info"
-    assert "batch[0] has batch size 1: mixing needs at least two samples" in finding.message
+    assert "pl_module.net(input): batch size 1: mixing needs at least two samples" in (
+        finding.message
+    )
     assert trainer.global_step == 2
 
 
@@ -192,30 +216,73 @@ def test_string_batch_is_skipped_with_how_to_configure() -> None:
     check = BatchMixingCheck()
     trainer = _fit(zoo_mixing.Strings(), check, data=DataLoader(zoo_mixing.StringBatches(), 4))
     finding = _only(check.findings, "check-skipped")
-    assert "cannot find the model's input in a batch of type list" in finding.message
+    assert "no call training_step made into Strings or its child modules could be tested" in (
+        finding.message
+    )
+    assert "pl_module(texts): its inputs hold no tensor with a batch dimension" in finding.message
     assert "input_mapping=lambda batch: ..." in finding.message
     assert trainer.global_step == 2
 
 
-def test_string_batch_uses_example_input_array() -> None:
+def test_a_step_that_calls_no_module_falls_back_to_example_input_array() -> None:
     module = zoo_mixing.MeanOverDim0()
     module.example_input_array = torch.randn(4, 8)
-    module.training_step = lambda batch, batch_idx: module(torch.randn(4, 8)).sum()  # type: ignore
+    # calls neither forward nor a child module: nothing to record
+    module.training_step = lambda batch, batch_idx: module.head.weight.pow(2).sum()  # type: ignore
     check = BatchMixingCheck(on_finding="log")
     _fit(module, check, data=DataLoader(zoo_mixing.StringBatches(), 4))
-    assert _only(check.findings, "batch-mixing").params == ("head",)
+    assert _only(check.findings, "batch-mixing").params == ("MeanOverDim0",)
+    assert check.tested_calls == ["pl_module(example_input_array)"]
 
 
-def test_forward_failing_on_the_guessed_input_is_skipped_with_how_to_configure() -> None:
-    check = BatchMixingCheck(on_finding="raise")
+def test_a_forward_of_two_inputs_is_tested_as_the_step_calls_it() -> None:
+    """Before, the check called forward(batch[0]) and skipped: forward takes x1 and x2."""
+    check = BatchMixingCheck(on_finding="log")
+    _fit(zoo_mixing.TwoInTwoOut(), check, data=zoo_mixing.two_input_data())
+    finding = _only(check.findings, "batch-mixing")
+    assert check.tested_calls == ["pl_module(x1, x2)"]
+    assert finding.data["call"] == "pl_module(x1, x2)"
+    assert finding.data["outputs"] == ["output[1]"] and finding.data["inputs"] == ["x1"]
+    assert finding.data["pairs"] == [[0, 3], [2, 1], [3, 2]]
+
+
+def test_a_step_calling_self_forward_directly_is_recorded() -> None:
+    module = zoo_mixing.MeanOverDim0()
+
+    def training_step(batch: Any, batch_idx: int) -> torch.Tensor:
+        return module.forward(batch[0]).pow(2).mean()
+
+    module.training_step = training_step  # type: ignore[method-assign]
+    check = BatchMixingCheck(on_finding="log")
+    _fit(module, check)
+    assert check.tested_calls == ["pl_module(x)"]
+    assert _only(check.findings, "batch-mixing").params == ("MeanOverDim0",)
+    assert "forward" not in module.__dict__  # the recording wrapper is gone
+
+
+def test_forward_failing_on_the_configured_input_is_skipped_with_how_to_configure() -> None:
+    check = BatchMixingCheck(on_finding="raise", input_mapping=lambda batch: batch[0])
     _fit(zoo_mixing.TwoInTwoOut(), check, data=zoo_mixing.two_input_data())
     finding = _only(check.findings, "check-skipped")
-    assert "pl_module(inputs) with inputs from batch[0] failed: TypeError" in finding.message
+    assert "pl_module(inputs) with inputs from input_mapping(batch) failed: TypeError" in (
+        finding.message
+    )
     assert "input_mapping=lambda batch" in finding.message
 
 
-def test_module_without_forward_and_several_children_needs_forward_fn() -> None:
+def test_child_modules_called_by_the_step_are_tested_each() -> None:
     check = BatchMixingCheck()
+    _fit(zoo.TwoHeads(), check)
+    assert check.findings == []
+    assert check.tested_calls == [
+        "pl_module.backbone(input)",
+        "pl_module.head(input)",
+        "pl_module.aux(input)",
+    ]
+
+
+def test_module_without_forward_and_several_children_needs_forward_fn() -> None:
+    check = BatchMixingCheck(input_mapping=lambda batch: batch[0])
     _fit(zoo.TwoHeads(), check)
     finding = _only(check.findings, "check-skipped")
     assert "TwoHeads does not implement forward and has several submodules" in finding.message

@@ -10,10 +10,12 @@ from torch import nn
 from grad_callbacks.core.batch_mixing import (
     CannotCheckMixing,
     Mixing,
+    ModelCall,
     batch_size_of,
     default_sample_indices,
     find_batch_mixing,
 )
+from grad_callbacks.core.batch_mixing.record import CallRecorder
 from tests import zoo, zoo_mixing
 
 SAMPLES = [0, 2, 3]
@@ -55,10 +57,13 @@ def test_linear_after_transpose_mixes_every_sample() -> None:
     assert {m.previous_module for m in found} == {"model.enc"}
 
 
-def test_mean_over_dim0_between_modules_is_localised_to_the_next_module() -> None:
+def test_mean_over_dim0_between_modules_is_localised_to_the_code_between_them() -> None:
     found = _check(zoo_mixing.MeanOverDim0(), _x(4, 8))
     assert _pairs(found) == [(i, j) for i in SAMPLES for j in range(4) if j != i]
-    assert {(m.module, m.previous_module) for m in found} == {("head", "enc")}
+    # head's inputs already mix: the mixing is in MeanOverDim0.forward, after enc, before head
+    assert {(m.module, m.previous_module, m.next_module) for m in found} == {
+        ("MeanOverDim0", "enc", "head")
+    }
 
 
 def test_mean_over_dim0_in_the_top_level_forward_names_the_top_level_module() -> None:
@@ -94,9 +99,11 @@ def test_two_inputs_two_outputs_only_the_mixing_output_and_input_are_named() -> 
         ("output[1]", 2, (1,), ("input[0]",)),
         ("output[1]", 3, (2,), ("input[0]",)),
     ]
-    assert {m.module for m in found} == {"head_b"}
-    # head_a does not feed output[1]: it is not the module "before" the mixing.
-    assert {m.previous_module for m in found} == {None}
+    # x2 + x1.roll(1) mixes in TwoInTwoOut.forward, before head_b; head_a does not feed
+    # output[1]: it is not the module "before" the mixing.
+    assert {(m.module, m.previous_module, m.next_module) for m in found} == {
+        ("TwoInTwoOut", None, "head_b")
+    }
 
 
 def test_dict_output_names_the_key_and_the_pooling_module() -> None:
@@ -128,7 +135,7 @@ def test_attention_over_the_batch_axis_fires_through_the_token_embedding() -> No
 def test_token_mean_over_batch_fires() -> None:
     found = _check(zoo_mixing.TokenMeanOverBatch(mix=True), _ids())
     assert _pairs(found) == [(i, j) for i in SAMPLES for j in range(4) if j != i]
-    assert {m.module for m in found} == {"head"}
+    assert {(m.module, m.next_module) for m in found} == {("TokenMeanOverBatch", "head")}
 
 
 def test_small_cross_sample_dependence_is_found_unless_below_atol() -> None:
@@ -263,3 +270,145 @@ def test_helpers() -> None:
     assert batch_size_of("text") is None
     assert default_sample_indices(4, 3) == [0, 2, 3]
     assert default_sample_indices(1, 3) == [0]
+
+
+# ---------------------------------------------------------------------------------- leaves
+class LearnedPositions(nn.Embedding):
+    """BART's learned positional embedding: called with the ids (B, T), it looks up the
+    positions and returns (1, T, H), with no batch axis."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(torch.arange(ids.shape[1])).unsqueeze(0)
+
+
+class WithPositions(nn.Module):
+    def __init__(self, pool_over_batch: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(20, 8)
+        self.pos = LearnedPositions(16, 8)
+        self.head = nn.Linear(8, 1)
+        self.pool_over_batch = pool_over_batch
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids) + self.pos(ids)
+        if self.pool_over_batch:
+            h = h + h.mean(dim=0, keepdim=True)
+        return self.head(h).squeeze(-1)
+
+
+def test_embedding_output_without_a_batch_axis_is_carried_not_indexed() -> None:
+    """Before: IndexError (the positional lookup (1, T, H) was indexed at sample 2 and 3)."""
+    assert _check(WithPositions(), _ids()) == []
+    found = _check(WithPositions(pool_over_batch=True), _ids())
+    assert _pairs(found) == [(i, j) for i in SAMPLES for j in range(4) if j != i]
+    assert {m.inputs for m in found} == {("tok output for input",)}  # not pos
+
+
+class PositionsOf(nn.Embedding):
+    """A positional embedding called with a float ``(B, T)`` slice of the embeddings (as BART's
+    encoder calls its own): (B, T, H) positions, the same for every sample."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        positions = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+        return super().forward(positions)
+
+
+def test_embedding_called_with_a_float_tensor_of_the_ids_shape_is_not_tapped() -> None:
+    """Before: taken for a lookup of the ids (same shape) and named as an input of the test."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(20, 8)
+            self.pos = PositionsOf(16, 8)
+            self.pool = zoo_mixing.BatchPool()
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.tok(ids)
+            return self.pool(h + self.pos(h[:, :, -1])).sum(-1)
+
+    found = _check(Model(), _ids())
+    assert {m.inputs for m in found} == {("tok output for input",)}
+    assert {m.module for m in found} == {"pool"}
+
+
+def test_other_ids_of_the_inputs_shape_are_carried_as_they_are() -> None:
+    """Decoder ids shifted from the labels have the ids' shape but are not the ids: their
+    lookups are carried, not taken for the inputs (before: they were, by shape)."""
+    model = nn.Embedding(20, 8)
+    labels = torch.randint(0, 20, (4, 4), generator=torch.Generator().manual_seed(3))
+
+    def forward(inp: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, labels = inp
+        decoder_ids = labels.roll(1, dims=1)
+        return model(ids) + model(decoder_ids).mean(dim=0)  # pooled, but over carried ids
+
+    assert find_batch_mixing(forward, (_ids(), labels), sample_indices=[0], module=model) == []
+
+
+# ---------------------------------------------------------------------------------- k x B rows
+class Flattened(nn.Module):
+    """(B, T, F) -> per-token logits flattened to (B*T, V) as Lightning's demos return them;
+    ``sequence_first`` runs on (T, B, F) and flattens that; ``pool`` mixes samples."""
+
+    def __init__(self, sequence_first: bool = False, pool: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 5)
+        self.sequence_first = sequence_first
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x.transpose(0, 1) if self.sequence_first else x)
+        if self.pool:
+            h = h + h.mean(dim=1 if self.sequence_first else 0, keepdim=True)
+        return h.reshape(-1, 5)
+
+
+@pytest.mark.parametrize("sequence_first", [False, True])
+def test_outputs_of_k_rows_per_sample_are_tested(sequence_first: bool) -> None:
+    """Before: 'no floating output has the batch size' (check-skipped)."""
+    x = _x(4, 6, 3)
+    assert _check(Flattened(sequence_first), x) == []
+    found = _check(Flattened(sequence_first, pool=True), x)
+    assert _pairs(found) == [(i, j) for i in SAMPLES for j in range(4) if j != i]
+    assert {m.rows for m in found} == {6}
+    assert {m.module for m in found} == {"Flattened"}
+
+
+# ---------------------------------------------------------------------------------- calls
+def test_a_model_call_names_its_arguments_and_keeps_keywords() -> None:
+    model = zoo_mixing.TwoInTwoOut()
+    call = ModelCall.of(model, (_x(4, 8),), {"x2": _x(4, 8) + 1})
+    assert call.describe("pl_module") == "pl_module(x1, x2=...)"
+    found = find_batch_mixing(lambda c: c.run(model), call, sample_indices=[0], module=model)
+    assert [(m.output, m.sources, m.inputs) for m in found] == [("output[1]", (3,), ("x1",))]
+
+
+def test_the_recorder_keeps_the_outermost_first_calls_and_leaves_no_trace() -> None:
+    model = zoo_mixing.FoldsBatch()  # forward calls self.model
+    x = _x(4, 8)
+    x0 = x.clone()
+    recorder = CallRecorder(model).start()
+    model(x)
+    model(x + 1)  # a second call is not kept
+    model.model.enc(x)  # a grandchild: not watched
+    x.add_(1.0)  # the inputs kept are copies
+    calls = recorder.stop()
+    assert [(c.target, c.call.describe("m")) for c in calls] == [("", "m(x)")]
+    assert torch.equal(calls[0].call.args[0], x0)
+    assert not calls[0].call.args[0].requires_grad
+    assert "forward" not in model.__dict__
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    found = find_batch_mixing(
+        lambda c: c.run(model), calls[0].call, sample_indices=[0], module=model
+    )
+    assert {m.module for m in found} == {"model.mixer"}
+
+
+def test_the_recorder_keeps_children_the_step_calls_itself() -> None:
+    gan = zoo.GAN()
+    recorder = CallRecorder(gan).start()
+    gan._losses(_x(4, 8))
+    calls = recorder.stop()
+    assert [c.target for c in calls] == ["generator", "discriminator"]
+    assert [tuple(c.call.args[0].shape) for c in calls] == [(4, 4), (4, 8)]

@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+from grad_callbacks.core.batch_mixing.call import ModelCall
 from grad_callbacks.core.batch_mixing.find import find_batch_mixing
 from grad_callbacks.core.batch_mixing.forward import isolated
 from grad_callbacks.core.batch_mixing.leaves import batch_size_of, default_sample_indices
@@ -64,6 +65,7 @@ from grad_callbacks.core.batch_mixing.result import CannotCheckMixing, Mixing
 __all__ = [
     "CannotCheckMixing",
     "Mixing",
+    "ModelCall",
     "batch_size_of",
     "default_sample_indices",
     "find_batch_mixing",

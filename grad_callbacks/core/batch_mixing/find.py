@@ -24,6 +24,7 @@ def find_batch_mixing(
     module: nn.Module | None = None,
     atol: float = 0.0,
     localize: bool = True,
+    batch_size: int | None = None,
 ) -> list[Mixing]:
     """Which samples' inputs reach the outputs of the samples ``sample_indices``.
 
@@ -41,6 +42,9 @@ def find_batch_mixing(
         atol: a cross-sample gradient must exceed this in absolute value to count.
         localize: name the first module whose output mixes (needs ``module``; extra forward
             passes, only when mixing is found).
+        batch_size: the batch size; by default the size of dimension ``input_dim`` of the first
+            input tensor that has one. Tensors whose dimension ``input_dim`` has another size (a
+            hidden state ``(layers, B, H)``, a mask ``(T, T)``) are passed as they are.
 
     Returns:
         One :class:`Mixing` per output and sample ``i`` that mixes; empty for a correct model.
@@ -55,7 +59,7 @@ def find_batch_mixing(
         >>> [m.pairs for m in find_batch_mixing(mean_over_batch, torch.randn(3, 2))]
         [[(0, 1), (0, 2)]]
     """
-    size = batch_size_of(inputs, input_dim)
+    size = batch_size if batch_size is not None else batch_size_of(inputs, input_dim)
     if size is None:
         raise CannotCheckMixing(f"the inputs hold no tensor with a dimension {input_dim}")
     if size < 2:

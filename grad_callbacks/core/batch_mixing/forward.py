@@ -95,20 +95,42 @@ def isolated(module: nn.Module | None, inputs: Any = None) -> Iterator[None]:
         yield
 
 
+@dataclass
+class _Output:
+    """An output tensor the test differentiates, with ``rows`` rows per sample on the batch axis:
+    1, or k for an output of k x B rows (a batch-first ``(B, T, V)`` flattened to
+    ``(B * T, V)``), which holds sample ``i`` in rows ``i*k .. i*k+k-1`` or, flattened from
+    sequence-first ``(T, B, V)``, in rows ``i, i+B, i+2B, ...``."""
+
+    name: str
+    tensor: Tensor
+    rows: int = 1
+
 
 @dataclass
 class _Run:
-    outputs: list[tuple[str, Tensor]]
+    outputs: list[_Output]
     leaves: list[_Leaf]
 
 
+def sample_part(out: Tensor, i: int, size: int, dim: int, rows: int, interleaved: bool) -> Tensor:
+    """The part of ``out`` that belongs to sample ``i`` (see :class:`_Output`)."""
+    if rows == 1:
+        return out.narrow(dim, i, 1)
+    if not interleaved:
+        return out.narrow(dim, i * rows, rows)
+    return out.index_select(dim, torch.arange(i, rows * size, size, device=out.device))
 
-def _named_outputs(outputs: Any, size: int, dim: int) -> list[tuple[str, Tensor]]:
-    return [
-        (name, t)
-        for name, t in _tensors(outputs, "output")
-        if t.is_floating_point() and t.dim() > dim and t.shape[dim] == size
-    ]
+
+def _named_outputs(outputs: Any, size: int, dim: int) -> list[_Output]:
+    found = []
+    for name, t in _tensors(outputs, "output"):
+        if not t.is_floating_point() or t.dim() <= dim or t.shape[dim] < size:
+            continue
+        rows, rest = divmod(int(t.shape[dim]), size)
+        if rest == 0:
+            found.append(_Output(name, t, rows))
+    return found
 
 
 def _run(
@@ -142,8 +164,8 @@ def _run(
     if not named:
         shapes = [tuple(t.shape) for _, t in _tensors(outputs, "output")]
         raise CannotCheckMixing(
-            f"no floating output has the batch size {size} on dim {output_dim} "
-            f"(output shapes: {shapes})"
+            f"no floating output has the batch size {size} (or a multiple of it) on dim "
+            f"{output_dim} (output shapes: {shapes})"
         )
     return _Run(named, leaves)
 

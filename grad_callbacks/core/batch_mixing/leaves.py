@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grad_callbacks.core.batch_mixing.call import ModelCall
+
 
 @dataclass
 class _Leaf:
@@ -19,7 +21,6 @@ class _Leaf:
     name: str
     tensor: Tensor
     dim: int
-
 
 
 # ---------------------------------------------------------------------------------- structures
@@ -31,6 +32,10 @@ def _map(obj: Any, fn: Callable[[str, Tensor], Any], path: str) -> Any:
     """Rebuild ``obj`` with ``fn(path, tensor)`` applied to its tensor leaves."""
     if isinstance(obj, Tensor):
         return fn(path, obj)
+    if isinstance(obj, ModelCall):  # its arguments are named by themselves
+        args = tuple(_map(v, fn, obj.name_of(k)) for k, v in enumerate(obj.args))
+        kwargs = {k: _map(v, fn, k) for k, v in obj.kwargs.items()}
+        return ModelCall(args, kwargs, obj.names)
     if _is_namedtuple(obj):
         return type(obj)._make(
             _map(v, fn, f"{path}.{f}") for f, v in zip(obj._fields, obj, strict=True)
@@ -137,7 +142,9 @@ class _EmbeddingTaps:
                 for d in range(idx.dim()):
                     if idx.shape[d] == self.size and idx.stride(d) == t.stride(src.dim):
                         return src, d
-            if idx.shape == t.shape:
+            # Same shape is not enough: other ids (decoder inputs shifted from the labels) often
+            # have the inputs' shape.
+            if idx.shape == t.shape and torch.equal(idx, t):
                 return src, src.dim
         return None
 
@@ -146,10 +153,16 @@ class _EmbeddingTaps:
             idx = args[0] if args else None
             if not isinstance(idx, Tensor) or not isinstance(out, Tensor):
                 return None
+            if idx.is_floating_point() or idx.is_complex():
+                return None  # an Embedding subclass called with something else than the ids
             match = self._match(idx)
             if match is None:
                 return None
             src, dim = match
+            if out.dim() <= dim or out.shape[dim] != self.size:
+                # No batch axis where the ids have one (a learned positional embedding of
+                # shape (1, T, H) for ids (B, T)): shared by every sample, carried as is.
+                return None
             leaf = out.detach().requires_grad_(torch.is_grad_enabled())
             self.leaves.append(_Leaf(f"{name} output for {src.name}", leaf, dim))
             value = leaf.clone()  # not a leaf: the model may change it in place

@@ -1,5 +1,6 @@
-"""Where samples first mix: the first module whose output depends on two samples (run only after
-the test found mixing)."""
+"""Where samples first mix: the first module whose output, or the first module call whose inputs,
+depend on two samples; the latter points at the code of the module that made that call (run only
+after the test found mixing)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from grad_callbacks.core.batch_mixing.forward import Forward, _cuda_devices, _Run, _run
+from grad_callbacks.core.batch_mixing.forward import (
+    Forward,
+    _cuda_devices,
+    _Run,
+    _run,
+    sample_part,
+)
 from grad_callbacks.core.batch_mixing.leaves import _Perturb, _tensors
 from grad_callbacks.core.batch_mixing.result import Mixing
 
@@ -23,34 +30,58 @@ _LOCALISE_RTOL = 1e-5
 
 @dataclass
 class _Call:
+    """A module's inputs as its call starts (``event="input"``) or its outputs as it ends."""
+
     name: str
     kind: str
-    values: list[Tensor]  # clones of the floating output tensors at the end of the call
-    live: list[Tensor]  # the output tensors themselves (for the gradient filter)
+    event: str
+    parent: tuple[str, str] | None  # the module running when it was called (name, type)
+    values: list[Tensor]  # clones of the floating tensors
+    live: list[Tensor]  # the tensors themselves (for the gradient filter)
+
+
+@dataclass(frozen=True)
+class _Where:
+    module: str
+    module_type: str
+    previous: str | None
+    next: str | None = None
+
+
+def _floats(obj: Any) -> list[Tensor]:
+    return [t for _, t in _tensors(obj, "") if t.is_floating_point()]
 
 
 @contextmanager
 def _recording(module: nn.Module, calls: list[_Call], keep_live: bool) -> Iterator[None]:
     handles = []
     root_name = type(module).__name__
+    stack: list[tuple[str, str]] = []
 
-    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+    def add(name: str, kind: str, event: str, ts: list[Tensor]) -> None:
+        parent = stack[-1] if stack else None
+        values = [t.detach().clone() for t in ts]
+        calls.append(_Call(name, kind, event, parent, values, ts if keep_live else []))
+
+    def pre_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
+            add(name or root_name, type(m).__name__, "input", _floats((args, kwargs)))
+            stack.append((name or root_name, type(m).__name__))
+
+        return hook
+
+    def post_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            ts = [t for _, t in _tensors(out, "") if t.is_floating_point()]
-            calls.append(
-                _Call(
-                    name or root_name,
-                    type(m).__name__,
-                    [t.detach().clone() for t in ts],
-                    ts if keep_live else [],
-                )
-            )
+            if stack:
+                stack.pop()
+            add(name or root_name, type(m).__name__, "output", _floats(out))
 
         return hook
 
     try:
         for name, m in module.named_modules():
-            handles.append(m.register_forward_hook(hook_for(name)))
+            handles.append(m.register_forward_pre_hook(pre_for(name), with_kwargs=True))
+            handles.append(m.register_forward_hook(post_for(name), always_call=True))
         yield
     finally:
         for h in handles:
@@ -67,7 +98,7 @@ def _localise_all(
     input_dim: int,
     output_dim: int,
 ) -> list[Mixing]:
-    located: dict[str, tuple[str, str, str | None] | None] = {}
+    located: dict[str, _Where | None] = {}
     result = []
     for m in found:
         if m.output not in located:
@@ -77,7 +108,11 @@ def _localise_all(
         where = located[m.output]
         if where is not None:
             m = dataclasses.replace(
-                m, module=where[0], module_type=where[1], previous_module=where[2]
+                m,
+                module=where.module,
+                module_type=where.module_type,
+                previous_module=where.previous,
+                next_module=where.next,
             )
         result.append(m)
     return result
@@ -92,8 +127,10 @@ def _localise(
     size: int,
     input_dim: int,
     output_dim: int,
-) -> tuple[str, str, str | None] | None:
-    """(module name, type, previous clean module) of the first module whose output mixes."""
+) -> _Where | None:
+    """Where samples first mix: the first module whose output mixes samples (its inputs do
+    not), or the module in whose code they mix, between the last module on the data path whose
+    output does not and the call whose inputs do."""
     i, j = mixing.sample, mixing.sources[0]
     rng = torch.get_rng_state()
     cuda = _cuda_devices(module, inputs)
@@ -122,7 +159,7 @@ def _localise(
                     perturb=perturb,
                 )
             if perturb is None:
-                feeds = _feeding(run, calls, mixing, output_dim)
+                feeds = _feeding(run, calls, mixing, size, output_dim)
             for c in calls:
                 c.live = []
             del run
@@ -149,25 +186,31 @@ def _localise(
             on_path = on_path or bool(((dep_i | dep_j) & feeds_output).any())
             mixed = dep_i & dep_j & feeds_output
             if bool(mixed.any()):
-                return call.name, call.kind, previous
-        if on_path:
+                if call.event == "output" or call.parent is None:
+                    return _Where(call.name, call.kind, previous)
+                # The inputs of `call` mix and no output before did: the mixing is in the code
+                # of the module that called it.
+                return _Where(call.parent[0], call.parent[1], previous, call.name)
+        if on_path and call.event == "output":
             previous = call.name
     return None
 
 
 def _feeding(
-    run: _Run, calls: list[_Call], mixing: Mixing, output_dim: int
+    run: _Run, calls: list[_Call], mixing: Mixing, size: int, output_dim: int
 ) -> list[list[Tensor | None]]:
     """For every recorded module output, the gradient of ``output[i].sum()`` with respect to it
     (None where it does not feed that output)."""
-    out = dict(run.outputs)[mixing.output]
+    out = next(o.tensor for o in run.outputs if o.name == mixing.output)
     flat = [(k, t, x) for k, c in enumerate(calls) for t, x in enumerate(c.live) if x.requires_grad]
     feeds: list[list[Tensor | None]] = [[None] * len(c.live) for c in calls]
     if not flat:
         return feeds
     try:
         grads = torch.autograd.grad(
-            out.narrow(output_dim, mixing.sample, 1).float().sum(),
+            sample_part(
+                out, mixing.sample, size, output_dim, mixing.rows, mixing.interleaved
+            ).float().sum(),
             [x for _, _, x in flat],
             allow_unused=True,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grad_callbacks.core.batch_mixing.forward import _Run
+from grad_callbacks.core.batch_mixing.forward import _Output, _Run, sample_part
 from grad_callbacks.core.batch_mixing.result import Mixing
 
 
@@ -15,18 +15,43 @@ def _per_sample_magnitude(grad: Tensor, dim: int) -> Tensor:
     return g.amax(dim=1) if g.shape[1] > 0 else g.new_zeros(g.shape[0])
 
 
-
 def _vjp_test(
     run: _Run, samples: list[int], size: int, output_dim: int, atol: float
 ) -> list[Mixing]:
     found: list[Mixing] = []
+    for out in run.outputs:
+        if not out.tensor.requires_grad:
+            continue
+        mixing = _test_output(run, out, samples, size, output_dim, atol, interleaved=False)
+        if mixing and out.rows > 1:
+            # k x B rows: sample i may hold the rows of a flattened sequence-first tensor
+            # instead; samples mix only if they do under both readings.
+            interleaved = _test_output(
+                run, out, samples, size, output_dim, atol, interleaved=True, first_only=True
+            )
+            if not interleaved:
+                mixing = []
+        found += mixing
+    return found
+
+
+def _test_output(
+    run: _Run,
+    out: _Output,
+    samples: list[int],
+    size: int,
+    output_dim: int,
+    atol: float,
+    interleaved: bool,
+    first_only: bool = False,
+) -> list[Mixing]:
+    """The samples whose part of ``out`` mixes (only the first one with ``first_only``)."""
+    found: list[Mixing] = []
     tensors = [leaf.tensor for leaf in run.leaves]
-    pending = [(name, out, i) for name, out in run.outputs if out.requires_grad for i in samples]
-    for k, (name, out, i) in enumerate(pending):
-        target = out.narrow(output_dim, i, 1).float().sum()
-        grads = torch.autograd.grad(
-            target, tensors, retain_graph=k < len(pending) - 1, allow_unused=True
-        )
+    for i in samples:
+        part = sample_part(out.tensor, i, size, output_dim, out.rows, interleaved)
+        target = part.float().sum()
+        grads = torch.autograd.grad(target, tensors, retain_graph=True, allow_unused=True)
         cross = torch.zeros(size, device=target.device)
         own = torch.zeros((), device=target.device)
         via: list[str] = []
@@ -43,13 +68,16 @@ def _vjp_test(
         if sources:
             found.append(
                 Mixing(
-                    output=name,
+                    output=out.name,
                     sample=i,
                     sources=sources,
                     inputs=tuple(via),
                     magnitude=float(cross.max()),
                     own_magnitude=float(own),
+                    rows=out.rows,
+                    interleaved=interleaved,
                 )
             )
+            if first_only:
+                break
     return found
-
