@@ -1,11 +1,13 @@
 """BatchMixingCheck: does a sample's output depend on another sample's input?
 
-A thin adapter over :func:`~grad_callbacks.core.batch_mixing.find_batch_mixing`. Before the
-training step of the first training batch (``on_train_batch_start``, so on the real batch, on
-its device), it runs ``pl_module`` forward on the batch's input, differentiates the output of a
-few samples with respect to the input and reports ``batch-mixing`` when another sample's input
-gets a non-zero gradient, naming the first module whose output mixes samples. It is the test of
-Lightning Bolts' ``BatchGradientVerificationCallback``, for Lightning 2.
+A thin adapter over :func:`~grad_callbacks.core.batch_mixing.find_batch_mixing`. During the
+training step of the first training batch (and of every scheduled one) it records the calls the
+step makes into the LightningModule's ``forward`` and into its direct child modules
+(:class:`~grad_callbacks.core.batch_mixing.record.CallRecorder`); at the end of the batch it runs
+each recorded call again with its recorded arguments, differentiates the outputs of a few samples
+with respect to the batch-axis inputs and reports ``batch-mixing`` when another sample's input
+gets a non-zero gradient, naming the call and the first module where samples mix. It extends the
+test of Lightning Bolts' ``BatchGradientVerificationCallback``, for Lightning 2.
 
 Example:
     >>> import lightning as L
@@ -103,30 +105,47 @@ class BatchMixingCheck(AuditCallback):
     batch-first data. The finding names the pairs ``(i, j)``, the output, and the first module
     whose output mixes samples (its ``params``).
 
-    When it runs: on the first training batch of every ``fit`` (before its training step), and,
-    when ``every_n_steps`` is N >= 1, again on the first batch of every optimizer step that is a
-    multiple of N (N=1: every step; each run costs a forward and ``sample_count`` backward passes).
-    ``every_n_steps=None`` or ``0`` (default): only the first batch.
+    When it runs: on the first training batch of every ``fit``, and, when ``every_n_steps`` is
+    N >= 1, again on the first batch of every optimizer step that is a multiple of N (N=1: every
+    step). Each run costs, per tested call, a forward and ``sample_count`` backward passes, at the
+    end of the batch. ``every_n_steps=None`` or ``0`` (default): only the first batch.
 
-    Inputs: ``input_mapping(batch)`` if given; otherwise the batch itself if it is a tensor, the
-    first tensor of a tuple/list batch, the first floating tensor (else the first tensor) of a
-    dict batch, or ``pl_module.example_input_array`` when the batch holds no tensor. The model is
-    called as ``pl_module(*inputs)`` for a tuple, ``pl_module(**inputs)`` for a dict and
-    ``pl_module(inputs)`` otherwise, or as ``forward_fn(pl_module, inputs)`` when given; a
-    LightningModule that does not implement ``forward`` but has a single child module (``self.net``
-    used in ``training_step``) runs that child. ``output_mapping`` is applied to what it returns.
-    Dim 0 of
-    every input and output tensor is taken to be the batch axis; tensors of another leading size
-    are passed through and not tested. Integer inputs (token ids) are followed through the
-    ``nn.Embedding`` layers that look them up.
+    What it tests: the calls the training step makes. The first call into ``pl_module`` (its
+    ``forward``, whether the step calls ``self(...)`` or ``self.forward(...)``) and the first call
+    into each direct child module made from the step itself (``self.generator(z)``,
+    ``self.model(input, hidden)``; not those made inside another recorded call) are recorded with
+    their positional and keyword arguments (detached copies) and run again: every tensor argument
+    with the batch size on dim 0 is a per-sample input (floats directly, token ids through the
+    ``nn.Embedding`` that looks them up), anything else (masks of another shape, hidden states
+    ``(layers, B, H)``, strings, caches) is passed as recorded. Integer tensors that no embedding
+    looks up (attention masks, labels) are passed as recorded too. Outputs with the batch size
+    on dim 0, or k times it (per-token logits flattened to ``(B * T, V)``), are tested; embedding
+    outputs and outputs without the batch axis are carried as they are. ``output_mapping`` is
+    applied to what ``pl_module``'s own forward returns. The calls tested are in
+    ``tested_calls``; those it could not test, with the reason, in ``untested_calls``.
 
-    It reports ``check-skipped`` (info) and training goes on when it cannot run: no input found,
-    a batch of one sample, forward failing on the guessed input, no output with the batch axis.
+    With ``input_mapping`` or ``forward_fn``, when ``training_step`` is compiled (the
+    LightningModule passed to ``fit`` compiled: hooks would make dynamo recompile it), or when the
+    step makes no call through a module's ``__call__``, it tests one call on the batch's input
+    instead, before the training step: ``input_mapping(batch)`` if given; otherwise the batch
+    itself if it is a tensor, the first tensor of a tuple/list batch, the first floating tensor
+    (else the first tensor) of a dict batch, or ``pl_module.example_input_array`` when the batch
+    holds no tensor. The model is then called as ``pl_module(*inputs)`` for a tuple,
+    ``pl_module(**inputs)`` for a dict and ``pl_module(inputs)`` otherwise, or as
+    ``forward_fn(pl_module, inputs)``; a LightningModule that does not implement ``forward`` but
+    has a single child module runs that child.
 
-    Non-invasive: BatchNorm layers run in eval mode during the check (their batch statistics
-    mix samples by design and are not reported), every buffer is restored, the RNG is forked,
-    ``self.log`` is muted, parameters' ``.grad`` and ``requires_grad`` are never touched and the
-    batch's tensors are never modified. Under DDP each rank checks its own batch on the
+    It reports ``check-skipped`` (info) and training goes on when it cannot run: no call of the
+    step could be tested (each one's reason is given: a batch of one sample, no tensor with a
+    batch axis, ...), or, on the batch's input, no input found, forward failing on it or no output
+    with the batch axis.
+
+    Non-invasive: the recording only observes (hooks that return nothing, a wrapper in the
+    module's instance ``forward`` removed at the end of the batch); no extra training step runs.
+    BatchNorm layers run in eval mode during the test (their batch statistics mix samples by
+    design and are not reported), every buffer is restored, the RNG is forked, ``self.log`` is
+    muted, parameters' ``.grad`` and ``requires_grad`` are never touched and the batch's tensors
+    are never modified. Under DDP each rank checks its own batch on the
     unwrapped module (no collective); findings are gathered on rank 0.
 
     Args:
