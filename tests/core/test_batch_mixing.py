@@ -3,6 +3,9 @@ and no trace left on the module, its inputs or the RNG."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -412,3 +415,17 @@ def test_the_recorder_keeps_children_the_step_calls_itself() -> None:
     calls = recorder.stop()
     assert [c.target for c in calls] == ["generator", "discriminator"]
     assert [tuple(c.call.args[0].shape) for c in calls] == [(4, 4), (4, 8)]
+
+
+def test_a_module_copied_or_pickled_while_recorded_is_itself() -> None:
+    model = zoo_mixing.FoldsBatch()
+    recorder = CallRecorder(model).start()
+    twin = copy.deepcopy(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    x = _x(4, 8)
+    twin(x)
+    loaded(x)
+    recorder.stop()
+    assert recorder.calls == []  # neither copy records into the recorder
+    assert torch.equal(twin(x), model(x)) and torch.equal(loaded(x), model(x))
+    assert "forward" not in model.__dict__

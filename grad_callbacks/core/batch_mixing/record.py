@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,8 @@ class CallRecorder:
                 # ``forward`` (its own one, if any, is put back by stop()).
                 self._wrap(name, module, "forward", module.forward, module.forward)
             else:
-                pre = module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True)
-                post = module.register_forward_hook(self._post_hook, always_call=True)
+                pre = module.register_forward_pre_hook(_Hook(self, name), with_kwargs=True)
+                post = module.register_forward_hook(_Hook(self, None), always_call=True)
                 self._undo += [pre.remove, post.remove]
         return self
 
@@ -112,27 +113,11 @@ class CallRecorder:
             self.calls.append(RecordedCall(name, module, call))
         self._depth += 1
 
-    def _pre_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
-            self._enter(name, module, args, kwargs)
-
-        return hook
-
-    def _post_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        self._depth = max(0, self._depth - 1)
-
     def _wrap(self, name: str, module: nn.Module, attr: str, inner: Any, fn: Any) -> None:
         had = attr in module.__dict__
         own = module.__dict__.get(attr)
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self._enter(name, module, args, kwargs, fn)
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self._depth = max(0, self._depth - 1)
-
-        module.__dict__[attr] = call
+        module.__dict__[attr] = _Recording(self, name, module, inner, fn)
 
         def undo() -> None:
             if had:
@@ -141,3 +126,64 @@ class CallRecorder:
                 module.__dict__.pop(attr, None)
 
         self._undo.append(undo)
+
+
+class _Hook:
+    """A forward pre-hook (``name``: records the call) or forward hook (``None``: the call
+    ended). Copied or pickled with its module, it does nothing."""
+
+    def __init__(self, recorder: CallRecorder, name: str | None) -> None:
+        self.recorder = recorder
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], extra: Any) -> None:
+        if self.name is not None:
+            self.recorder._enter(self.name, module, args, extra)
+        else:
+            self.recorder._depth = max(0, self.recorder._depth - 1)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _inert
+
+    def __reduce__(self) -> Any:
+        return (_inert_hook, ())
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _inert_hook() -> Any:
+    return _inert
+
+
+class _Recording:
+    """What a watched module's instance ``forward`` (or compiled call) is while recorded: records
+    the call, then makes it. Copied or pickled, it is the call it wraps (a module deep-copied or
+    saved in the middle of a step gets its own ``forward``, not a recorder)."""
+
+    def __init__(
+        self, recorder: CallRecorder, name: str, module: nn.Module, inner: Any, fn: Any
+    ) -> None:
+        self.recorder = recorder
+        self.name = name
+        self.module = module
+        self.inner = inner
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.recorder._enter(self.name, self.module, args, kwargs, self.fn)
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.recorder._depth = max(0, self.recorder._depth - 1)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self.inner, memo)
+
+    def __reduce__(self) -> Any:
+        return (_identity, (self.inner,))
+
+
+def _identity(value: Any) -> Any:
+    return value
