@@ -203,6 +203,8 @@ class BatchMixingCheck(AuditCallback):
         #: with the reason.
         self.tested_calls: list[str] = []
         self.untested_calls: list[tuple[str, str]] = []
+        self._all_tested: dict[str, None] = {}  # over the run, in order
+        self._all_untested: dict[str, str] = {}
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -218,6 +220,15 @@ class BatchMixingCheck(AuditCallback):
     @property
     def runs_once(self) -> bool:
         return self.every_n_steps == 0
+
+    def report_entry(self) -> dict[str, Any]:
+        """The check's report section, with every call it tested in the run (``tested_calls``)
+        and those it could not test, with the reason (``untested_calls``)."""
+        entry = super().report_entry()
+        entry["tested_calls"] = list(self._all_tested)
+        if self._all_untested:
+            entry["untested_calls"] = [f"{c}: {why}" for c, why in self._all_untested.items()]
+        return entry
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -367,6 +378,7 @@ class BatchMixingCheck(AuditCallback):
             self._skip(f"{how} with inputs from {source} failed: {exc}; {_CONFIGURE}")
             return
         self.tested_calls = [how.replace("(inputs)", f"({source})")]
+        self._all_tested.update(dict.fromkeys(self.tested_calls))
         self.queue_scalars({"mixing_pairs": sum(len(m.sources) for m in mixings)})
         self._report_mixings(mixings, size, type(pl_module).__name__, None)
 
@@ -413,6 +425,8 @@ class BatchMixingCheck(AuditCallback):
             self.tested_calls.append(described)
             pairs += sum(len(m.sources) for m in mixings)
             self._report_mixings(mixings, size, type(pl_module).__name__, described)
+        self._all_tested.update(dict.fromkeys(self.tested_calls))
+        self._all_untested.update(dict(self.untested_calls))
         if not self.tested_calls:
             reasons = "; ".join(f"{call}: {why}" for call, why in self.untested_calls)
             self._skip(

@@ -116,6 +116,7 @@ def test_clean_real_models_are_silent_with_their_calls_tested(case: str) -> None
     assert check.findings == []  # not even check-skipped
     assert check.tested_calls == TESTED[case]
     assert check.untested_calls == []
+    assert check.report_entry()["tested_calls"] == TESTED[case]
 
 
 @pytest.mark.parametrize("case", sorted(PLANTED))
