@@ -25,7 +25,8 @@ def test_ddp_mixing_on_every_rank_is_reported_once_on_rank_0(tmp_path: Path) -> 
     assert report["world_size"] == 2 and report["status"] == "finished"
     (finding,) = report["findings"]
     assert finding["code"] == "batch-mixing"
-    assert finding["params"] == ["head"]
+    assert finding["params"] == ["MeanOverDim0"]  # the mean is in its forward, before head
+    assert finding["data"]["next_module"] == "head"
     assert finding["data"]["ranks"] == [0, 1]
     assert finding["data"]["pairs"] == [[i, j] for i in (0, 2, 3) for j in range(4) if j != i]
     assert finding["step"] == 0
