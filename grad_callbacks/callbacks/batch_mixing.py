@@ -166,6 +166,7 @@ class BatchMixingCheck(AuditCallback):
 
     check_name = "BatchMixingCheck"
     metric_prefix = "batch_mixing"
+    live_attributes = ("_recorder",)  # the hooks on the module of a running fit
 
     def __init__(
         self,
