@@ -178,6 +178,10 @@ class _Recording:
         finally:
             self.recorder._depth = max(0, self.recorder._depth - 1)
 
+    @property
+    def __func__(self) -> Any:  # what tools that unwrap bound methods look for
+        return getattr(self.inner, "__func__", self.inner)
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return copy.deepcopy(self.inner, memo)
 
