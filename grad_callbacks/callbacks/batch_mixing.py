@@ -503,11 +503,16 @@ class BatchMixingCheck(AuditCallback):
             else:
                 where += ": the mixing is inside it or in the code that feeds it."
         rows = f" ({first.rows} rows per sample)" if first.rows > 1 else ""
+        own = (
+            f"against {biggest.own_magnitude:.3g} on its own input"
+            if biggest.own_magnitude > 0
+            else "and none on its own input: that output is computed from other samples only"
+        )
         message = (
             (f"In the call `{call}` that training_step made: " if call else "")
             + f"Samples of a batch of {size} mix{rows}: {' | '.join(parts)} (largest input "
-            f"gradient on another sample {biggest.magnitude:.3g}, against "
-            f"{biggest.own_magnitude:.3g} on the sample's own input; through "
+            f"gradient of sample {biggest.sample}'s output on another sample's input "
+            f"{biggest.magnitude:.3g}, {own}; through "
             f"{', '.join(inputs)}). {where} BatchNorm layers were run in eval mode, so batch "
             f"statistics are not the cause. "
             f"Fix: {CODES['batch-mixing'].fix}. If the model compares samples by design "

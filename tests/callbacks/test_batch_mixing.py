@@ -4,6 +4,7 @@ samples, silence on clean ones, check-skipped where it cannot run, and no trace 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -395,3 +396,42 @@ def test_inside_gradient_audit_next_to_zero_grad_check() -> None:
     zoo.fit(zoo_mixing.FoldsBatch(), [audit], limit_train_batches=3)
     assert [f.code for f in audit.findings] == ["batch-mixing"]
     assert zero_grad.steps_checked == 3 and mixing.steps_checked == 3
+
+
+class _RollNet(torch.nn.Module):
+    """Each sample's output is the next sample's: nothing of its own input reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).roll(1, dims=0)
+
+
+class _RollsBatch(zoo_mixing.Regressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _RollNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("model", ["fold", "roll"])
+def test_the_message_is_true_of_the_sample_it_names(model: str) -> None:
+    """The magnitudes in the message belong to one named sample: its own-input gradient is
+    stated when there is one, and a sample whose output comes only from other samples is said
+    to be so (not '0 on the sample's own input' beside samples whose own input does reach)."""
+    module = zoo_mixing.FoldsBatch() if model == "fold" else _RollsBatch()
+    check = BatchMixingCheck(on_finding="log")
+    _fit(module, check)
+    finding = _only(check.findings, "batch-mixing")
+    own = finding.data["own_grad"]
+    assert re.search(r"gradient of sample \d+'s output on another sample's input", finding.message)
+    if model == "roll":
+        assert own == 0.0
+        assert "none on its own input" in finding.message
+    else:
+        assert own > 0.0
+        assert f"against {own:.3g} on its own input" in finding.message
