@@ -25,7 +25,11 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
-from grad_callbacks.callbacks.recompute import stood_in, training_step_compiled
+from grad_callbacks.callbacks.recompute import (
+    kept_python_state,
+    stood_in,
+    training_step_compiled,
+)
 from grad_callbacks.core.batch import batch_size
 from grad_callbacks.core.batch_mixing import (
     CannotCheckMixing,
@@ -250,7 +254,8 @@ class BatchMixingCheck(AuditCallback):
                 # The test runs at the end of the batch, on the calls the step makes.
                 self._recorder = CallRecorder(pl_module).start()
             else:
-                self._check(trainer, pl_module, batch)
+                with kept_python_state(pl_module):
+                    self._check(trainer, pl_module, batch)
 
     def on_train_batch_end(
         self,
@@ -264,10 +269,11 @@ class BatchMixingCheck(AuditCallback):
         if recorder is not None:
             with self.timed(), self.guarded("the batch-mixing test"):
                 calls = recorder.stop()
-                if calls:
-                    self._check_calls(trainer, pl_module, calls, batch)
-                else:  # the step called neither forward nor a child module through __call__
-                    self._check(trainer, pl_module, batch)
+                with kept_python_state(pl_module):
+                    if calls:
+                        self._check_calls(trainer, pl_module, calls, batch)
+                    else:  # the step called neither forward nor a child module via __call__
+                        self._check(trainer, pl_module, batch)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def release(self) -> None:

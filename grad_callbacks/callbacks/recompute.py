@@ -615,6 +615,17 @@ def capture_state(module: nn.Module) -> PythonState:
     return PythonState.capture(module, step_functions(module))
 
 
+@contextmanager
+def kept_python_state(module: nn.Module) -> Iterator[None]:
+    """Put the module's Python state back after the block (see :class:`PythonState`): for the
+    checks that call the module's ``forward`` outside a recomputation of ``training_step``."""
+    state = capture_state(module)
+    try:
+        yield
+    finally:
+        state.restore()
+
+
 class _Discard(io.TextIOBase):
     def write(self, text: str) -> int:
         return len(text)

@@ -11,7 +11,8 @@ mutates must look untouched afterwards. :class:`PythonState` is a shallow pictur
 * the attributes of the modules' own classes (``type(self).calls += 1``), for classes defined
   outside torch, Lightning and ``transformers``;
 * the global namespace and closure cells of the functions named (``training_step``,
-  ``forward``): ``global calls; calls += 1``;
+  ``forward``, also when wrapped in ``functools.partial`` to record calls):
+  ``global calls; calls += 1``;
 * one level inside: a plain ``list``, ``dict``, ``set`` or ``deque`` held by any of the above
   (``self.history.append(x)``) is copied (shallow, up to :data:`MAX_CONTAINER` items) and its
   contents put back *in place* when they changed, so references the user holds to it stay
@@ -40,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import functools
 import types
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -228,6 +230,8 @@ class PythonState:
             )
         seen_globals: set[int] = set()
         for fn in functions:
+            while isinstance(fn, functools.partial):  # a step wrapped to record its calls
+                fn = fn.func
             fn = getattr(fn, "__func__", fn)
             globs = getattr(fn, "__globals__", None)
             if isinstance(globs, dict) and id(globs) not in seen_globals:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any
 
@@ -512,3 +513,44 @@ def test_what_a_recomputation_cannot_put_back_is_named_and_stops_it(monkeypatch)
     skipped = [f for f in check.findings if f.code == "check-skipped"]
     assert len(skipped) == 1 and "self.history (resized" in skipped[0].message
     assert check.steps_checked == 1  # the check stopped recomputing after the first step
+
+
+class _HookRecorder(zoo.MLP):
+    """Lightning's own hook test (tests_pytorch/models/test_hooks.py HookedModel): every hook
+    is replaced on the instance by a ``functools.partial`` that appends its name to a list the
+    test holds, outside the module."""
+
+    def __init__(self, called: list[str]) -> None:
+        super().__init__()
+
+        def call(hook: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            called.append(hook)
+            return out
+
+        for hook in ("training_step", "forward"):
+            attr = getattr(self, hook)
+            setattr(self, hook, functools.update_wrapper(functools.partial(call, hook, attr), attr))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+
+def test_a_hook_sequence_recorded_through_partials_is_as_without_the_audit() -> None:
+    """The recomputations (per-sample, grad-mismatch replay) and the batch-mixing test call
+    ``training_step`` and ``forward`` again: the list the partials append to is put back, so
+    the recorded sequence is the run's own (Lightning's test_trainer_model_hook_system_fit)."""
+    sequences = []
+    for audit in (False, True):
+        called: list[str] = []
+        torch.manual_seed(0)
+        zoo.fit(_HookRecorder(called), [GradientAudit(on_finding="log")] if audit else [],
+                max_steps=3)
+        sequences.append(called)
+    plain, audited = sequences
+    assert plain == ["forward", "training_step"] * 3
+    assert audited == plain
