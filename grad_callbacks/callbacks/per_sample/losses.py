@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from grad_callbacks.callbacks.recompute import ManualSteps, _recording_backward, stood_in
+from grad_callbacks.callbacks.backward_guard import _recording_backward
+from grad_callbacks.callbacks.stand_ins import ManualSteps, stood_in
 from grad_callbacks.core.python_state import MISSING, PythonState
 
 PerSampleLoss = Callable[[nn.Module, Any], Tensor]

@@ -4,7 +4,7 @@
 In a manual step the parameters change in the middle of ``training_step`` (a GAN steps the
 discriminator, then computes the generator's loss with the updated discriminator). The replay
 follows: it runs ``training_step`` once, with the optimizers inert and recording
-(:class:`~grad_callbacks.callbacks.recompute.ManualSteps`), on detached copies of the
+(:class:`~grad_callbacks.callbacks.stand_ins.ManualSteps`), on detached copies of the
 parameters that take, between the real step's optimizer steps, the values the real step had
 there (copied at each ``on_before_optimizer_step``). The gradient of an optimizer step is that
 of the losses it applies with respect to every copy its parameters had, summed: what
@@ -22,13 +22,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from grad_callbacks.callbacks.backward_guard import _recording_backward
 from grad_callbacks.callbacks.per_sample.losses import _loss_of
-from grad_callbacks.callbacks.recompute import (
-    ManualSteps,
-    _recording_backward,
-    isolated,
-    stood_in,
-)
+from grad_callbacks.callbacks.recompute import isolated
+from grad_callbacks.callbacks.stand_ins import ManualSteps, stood_in
 
 
 @contextmanager
