@@ -316,11 +316,12 @@ class FindingLog:
             self._by_key[finding.key] = tagged
             return True
         merged_ranks = sorted({*old.data.get("ranks", ()), *ranks})
+        # The earliest sighting speaks for all: its step, message and numbers belong together.
+        first = tagged if finding.step < old.step else old
         self._by_key[finding.key] = dataclasses.replace(
-            old,
+            first,
             count=old.count + finding.count,
-            step=min(old.step, finding.step),
-            data={**old.data, "ranks": merged_ranks},
+            data={**first.data, "ranks": merged_ranks},
         )
         return False
 
