@@ -21,25 +21,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS))
+sys.path.insert(0, str(DOCS.parent))
 
 import make_figures  # noqa: E402
 
-HOST = "127.0.0.1"
+from tests.tensorboard_server import HOST, get_json, tensorboard_server  # noqa: E402
+
 READY_TIMEOUT_S = 90.0
 #: Virtual time Chromium gives the page's scripts to load the data and draw the charts.
 RENDER_BUDGET_MS = 20000
@@ -88,42 +87,17 @@ def browser() -> str:
     raise FileNotFoundError(f"no browser found ({', '.join(BROWSERS)}): apt-get install chromium")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _get(port: int, route: str) -> object:
-    with urllib.request.urlopen(f"http://{HOST}:{port}{route}", timeout=10) as response:
-        return json.loads(response.read().decode("utf-8"))
-
-
-@contextlib.contextmanager
 def serve(logdir: Path, runs: Sequence[str]) -> Iterator[int]:
     """``tensorboard`` on 127.0.0.1 over ``logdir``; yields its port once it serves every run's
     audit scalars and findings text."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "tensorboard.main",
-            "--logdir", str(logdir),
-            "--host", HOST,
-            "--port", str(port),
-            "--load_fast", "false",
-            "--reload_interval", "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with tensorboard_server(logdir) as (server, port):
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"tensorboard exited with {server.returncode}")
             try:
-                scalars = _get(port, "/data/plugin/scalars/tags")
-                texts = _get(port, "/data/plugin/text/tags")
+                scalars = get_json(port, "/data/plugin/scalars/tags")
+                texts = get_json(port, "/data/plugin/text/tags")
                 assert isinstance(scalars, dict) and isinstance(texts, dict)
                 if all(scalars.get(r) and texts.get(r) for r in runs):
                     break
@@ -133,13 +107,6 @@ def serve(logdir: Path, runs: Sequence[str]) -> Iterator[int]:
                 raise TimeoutError(f"tensorboard did not serve {list(runs)} in time")
             time.sleep(0.5)
         yield port
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
 
 
 def screenshot(url: str, path: Path, width: int, height: int) -> Path:

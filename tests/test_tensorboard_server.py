@@ -20,13 +20,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,28 +31,13 @@ import pytest
 
 from grad_callbacks import GradientAudit
 from tests import zoo
+from tests.tensorboard_server import get_json, tensorboard_server
 
 pytest.importorskip("tensorboard")
 
-HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
 FINDINGS_TAG = "grad_audit/findings"
 SERVED_FINDINGS_TAGS = (FINDINGS_TAG,)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _get(port: int, route: str, **query: str) -> Any:
-    url = f"http://{HOST}:{port}{route}"
-    if query:
-        url += "?" + urllib.parse.urlencode(query)
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.status == 200, (url, response.status)
-        return json.loads(response.read().decode("utf-8"))
 
 
 def _train_broken_run(logdir: Path) -> tuple[GradientAudit, str]:
@@ -84,8 +65,8 @@ def _wait_until_loaded(
                 f"{stderr_path.read_text(errors='replace')[-4000:]}"
             )
         try:
-            scalar_tags = _get(port, "/data/plugin/scalars/tags")
-            text_tags = _get(port, "/data/plugin/text/tags")
+            scalar_tags = get_json(port, "/data/plugin/scalars/tags")
+            text_tags = get_json(port, "/data/plugin/text/tags")
             served = [t for t in text_tags.get(run, []) if t in SERVED_FINDINGS_TAGS]
             if any(t.startswith("grad_audit/") for t in scalar_tags.get(run, {})) and served:
                 return scalar_tags, served[0]
@@ -103,30 +84,9 @@ def _wait_until_loaded(
 @contextlib.contextmanager
 def _tensorboard(logdir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """A TensorBoard server on 127.0.0.1 over ``logdir``; its stderr goes to tmp_path."""
-    port = _free_port()
-    stderr_path = tmp_path / "tensorboard.stderr"
-    with open(stderr_path, "wb") as stderr:
-        server = subprocess.Popen(
-            [
-                sys.executable, "-m", "tensorboard.main",
-                "--logdir", str(logdir),
-                "--host", HOST,
-                "--port", str(port),
-                "--reload_interval", "1",
-                "--load_fast", "false",  # the Python data loader: no extra data server binary
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        yield server, port
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+    with open(tmp_path / "tensorboard.stderr", "wb") as stderr:
+        with tensorboard_server(logdir, stderr=stderr) as served:
+            yield served
 
 
 def test_tensorboard_serves_the_audit_of_a_broken_run(tmp_path: Path) -> None:
@@ -139,23 +99,23 @@ def test_tensorboard_serves_the_audit_of_a_broken_run(tmp_path: Path) -> None:
         scalar_tags, findings_tag = _wait_until_loaded(server, port, run, stderr_path)
 
         # the routes the UI uses exist in this TensorBoard and list our run and plugins
-        plugins = _get(port, "/data/plugins_listing")
+        plugins = get_json(port, "/data/plugins_listing")
         for plugin in ("scalars", "custom_scalars", "text"):
             assert plugin in plugins, sorted(plugins)
-        assert run in _get(port, "/data/runs")
+        assert run in get_json(port, "/data/runs")
 
         # scalars: the zero-grad check's metrics for the run
         tags = sorted(scalar_tags[run])
         assert any(t.startswith("grad_audit/zero_grad/") for t in tags), tags
 
         # custom-scalars layout: the audit's category
-        layout = _get(port, "/data/plugin/custom_scalars/layout")
+        layout = get_json(port, "/data/plugin/custom_scalars/layout")
         categories = {c["title"]: c for c in layout.get("category", [])}
         assert "Gradient audit" in categories, layout
         assert categories["Gradient audit"]["chart"], layout
 
         # the findings table as text
-        entries = _get(port, "/data/plugin/text/text", run=run, tag=findings_tag)
+        entries = get_json(port, "/data/plugin/text/text", run=run, tag=findings_tag)
         assert entries, "no findings text"
         assert any("missing-zero-grad" in e["text"] for e in entries), entries
         assert all(isinstance(e["step"], int) for e in entries)
@@ -185,13 +145,13 @@ def test_every_panel_of_a_demo_run_is_a_line_and_the_table_has_a_row_per_finding
 
     with _tensorboard(logdir, tmp_path) as (server, port):
         _wait_until_loaded(server, port, run, tmp_path / "tensorboard.stderr")
-        layout = _get(port, "/data/plugin/custom_scalars/layout")
+        layout = get_json(port, "/data/plugin/custom_scalars/layout")
         (category,) = [c for c in layout["category"] if c["title"] == "Gradient audit"]
         points: dict[str, int] = {}
         for chart in category["chart"]:
             series: dict[str, Any] = {}
             for regex in chart["multiline"]["tag"]:
-                data = _get(port, "/data/plugin/custom_scalars/scalars", run=run, tag=regex)
+                data = get_json(port, "/data/plugin/custom_scalars/scalars", run=run, tag=regex)
                 assert data["regex_valid"], chart
                 series.update(data["tag_to_events"])
             assert series, f"chart {chart['title']!r} has no data"
@@ -208,7 +168,7 @@ def test_every_panel_of_a_demo_run_is_a_line_and_the_table_has_a_row_per_finding
             else:
                 assert n == 1, (title, n)
 
-        entries = _get(port, "/data/plugin/text/text", run=run, tag=FINDINGS_TAG)
+        entries = get_json(port, "/data/plugin/text/text", run=run, tag=FINDINGS_TAG)
         html = entries[-1]["text"]  # the markdown, rendered inside the plugin's own table
         table = html[html.index("<th>#</th>") :]
         body = table[table.index("<tbody>") : table.index("</tbody>")]
