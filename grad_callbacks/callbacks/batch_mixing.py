@@ -30,7 +30,7 @@ from grad_callbacks.callbacks.recompute import (
     stood_in,
     training_step_compiled,
 )
-from grad_callbacks.core.batch import batch_size
+from grad_callbacks.core.batch import batch_size, is_namedtuple
 from grad_callbacks.core.batch_mixing import (
     CannotCheckMixing,
     Mixing,
@@ -66,14 +66,10 @@ def _callable_name(fn: Callable[..., Any] | None) -> str | None:
     return getattr(fn, "__qualname__", type(fn).__name__)
 
 
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
-
-
 def _call(module: nn.Module, inputs: Any) -> Any:
     """``module(*inputs)`` for a tuple, ``module(**inputs)`` for a dict, else ``module(inputs)``
     (the convention of ``example_input_array``)."""
-    if isinstance(inputs, tuple) and not _is_namedtuple(inputs):
+    if isinstance(inputs, tuple) and not is_namedtuple(inputs):
         return module(*inputs)
     if isinstance(inputs, dict):
         return module(**inputs)

@@ -39,7 +39,8 @@ from torch import Tensor
 Index = int | slice | Tensor
 
 
-def _is_namedtuple(obj: Any) -> bool:
+def is_namedtuple(obj: Any) -> bool:
+    """Whether ``obj`` is an instance of a ``namedtuple`` class (rebuilt with ``_make``)."""
     return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
 
 
@@ -68,7 +69,9 @@ def _is_sample_list(obj: Any, size: int | None) -> bool:
     )
 
 
-def _rebuild_mapping(obj: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:
+def rebuild_mapping(obj: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:
+    """A mapping of ``obj``'s type holding ``items`` (a plain dict when the type cannot be
+    rebuilt); a ``defaultdict`` keeps its factory."""
     if type(obj) is dict:
         return items
     if isinstance(obj, defaultdict):
@@ -81,7 +84,10 @@ def _rebuild_mapping(obj: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[A
             return new
         except Exception:
             pass
-    return items
+    try:
+        return type(obj)(items)  # an immutable mapping built from a dict
+    except Exception:
+        return items
 
 
 def _map_batch(
@@ -96,7 +102,7 @@ def _map_batch(
     def walk(x: Any) -> Any:
         if isinstance(x, Tensor):
             return on_tensor(x)
-        if _is_namedtuple(x):
+        if is_namedtuple(x):
             return type(x)._make(walk(v) for v in x)
         if _is_sample_list(x, size):
             return on_sample_list(x)
@@ -107,7 +113,7 @@ def _map_batch(
             except Exception:
                 return values if isinstance(x, list) else tuple(values)
         if isinstance(x, Mapping):
-            return _rebuild_mapping(x, {k: walk(v) for k, v in x.items()})
+            return rebuild_mapping(x, {k: walk(v) for k, v in x.items()})
         if _is_dataclass_instance(x):
             changes = {f.name: walk(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
             return dataclasses.replace(x, **changes)
@@ -295,7 +301,7 @@ def _map_named(obj: Any, fn: Callable[[Path, Any], Any], path: Path = ()) -> Any
     """Rebuild ``obj`` with ``fn(path, leaf)`` applied to every leaf (tensors and plain values)."""
     if isinstance(obj, Tensor):
         return fn(path, obj)
-    if _is_namedtuple(obj):
+    if is_namedtuple(obj):
         return type(obj)._make(
             _map_named(v, fn, (*path, f)) for f, v in zip(obj._fields, obj, strict=True)
         )
@@ -306,7 +312,7 @@ def _map_named(obj: Any, fn: Callable[[Path, Any], Any], path: Path = ()) -> Any
         except Exception:
             return values if isinstance(obj, list) else tuple(values)
     if isinstance(obj, Mapping):
-        return _rebuild_mapping(obj, {k: _map_named(v, fn, (*path, k)) for k, v in obj.items()})
+        return rebuild_mapping(obj, {k: _map_named(v, fn, (*path, k)) for k, v in obj.items()})
     if _is_dataclass_instance(obj):
         changes = {
             f.name: _map_named(getattr(obj, f.name), fn, (*path, f.name))

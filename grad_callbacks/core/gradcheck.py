@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from grad_callbacks.core.per_sample import run_eagerly
+from grad_callbacks.core.isolation import cuda_devices, run_eagerly
 
 FunctionClass = type[torch.autograd.Function]
 Status = Literal["ok", "mismatch", "skipped"]
@@ -300,10 +300,6 @@ def _reseed(seed: int, devices: Sequence[int]) -> None:
         torch.cuda.default_generators[index].manual_seed(seed)
 
 
-def _cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-
-
 def _choose(sizes: Sequence[int], budget: int, generator: torch.Generator) -> list[list[int]]:
     """Flat indices to check in each tensor: all of them within ``budget``, else a random
     subset with each tensor's share proportional to its size (at least one entry each)."""
@@ -349,7 +345,7 @@ def compare_jacobians(
         ('ok', 16)
     """
     tol = tol or Tolerance()
-    devices = _cuda_devices(inputs)
+    devices = cuda_devices(inputs)
     # float64 copies would recompile torch.compile'd code at every evaluation: run it eagerly
     with run_eagerly(), torch.random.fork_rng(devices=devices):
         return _compare(fn, inputs, input_names, output_names, tol, devices)

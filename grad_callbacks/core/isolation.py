@@ -4,14 +4,25 @@ block, compiled code run eagerly for a block. Every flag is put back on exit, ev
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["batchnorm_eval", "run_eagerly"]
+__all__ = ["batchnorm_eval", "cuda_devices", "run_eagerly"]
+
+
+def cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
+    """The CUDA device indices ``tensors`` live on: the devices whose random streams a
+    ``torch.random.fork_rng`` around code using them must fork.
+
+    Example:
+        >>> cuda_devices([torch.zeros(2)])
+        []
+    """
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from grad_callbacks.core.batch_mixing.leaves import (
     _tensors,
 )
 from grad_callbacks.core.batch_mixing.result import CannotCheckMixing
-from grad_callbacks.core.isolation import run_eagerly
+from grad_callbacks.core.isolation import cuda_devices, run_eagerly
 from grad_callbacks.core.state import restored_state
 
 Forward = Callable[[Any], Any]
@@ -60,15 +60,13 @@ def _norms_in_eval(module: nn.Module) -> Iterator[None]:
 
 
 def _cuda_devices(*objs: Any) -> list[int]:
-    devices: set[int] = set()
+    tensors: list[Tensor] = []
     for obj in objs:
-        tensors = (
-            list(obj.parameters()) + list(obj.buffers())
-            if isinstance(obj, nn.Module)
-            else [t for _, t in _tensors(obj, "")]
-        )
-        devices.update(t.device.index or 0 for t in tensors if t.is_cuda)
-    return sorted(devices)
+        if isinstance(obj, nn.Module):
+            tensors += [*obj.parameters(), *obj.buffers()]
+        else:
+            tensors += [t for _, t in _tensors(obj, "")]
+    return cuda_devices(tensors)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grad_callbacks.core.batch import is_namedtuple, rebuild_mapping
 from grad_callbacks.core.batch_mixing.call import ModelCall
 
 
@@ -24,10 +25,6 @@ class _Leaf:
 
 
 # ---------------------------------------------------------------------------------- structures
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
-
-
 def _map(obj: Any, fn: Callable[[str, Tensor], Any], path: str) -> Any:
     """Rebuild ``obj`` with ``fn(path, tensor)`` applied to its tensor leaves."""
     if isinstance(obj, Tensor):
@@ -36,7 +33,7 @@ def _map(obj: Any, fn: Callable[[str, Tensor], Any], path: str) -> Any:
         args = tuple(_map(v, fn, obj.name_of(k)) for k, v in enumerate(obj.args))
         kwargs = {k: _map(v, fn, k) for k, v in obj.kwargs.items()}
         return ModelCall(args, kwargs, obj.names)
-    if _is_namedtuple(obj):
+    if is_namedtuple(obj):
         return type(obj)._make(
             _map(v, fn, f"{path}.{f}") for f, v in zip(obj._fields, obj, strict=True)
         )
@@ -47,13 +44,7 @@ def _map(obj: Any, fn: Callable[[str, Tensor], Any], path: str) -> Any:
         except Exception:
             return values if isinstance(obj, list) else tuple(values)
     if isinstance(obj, Mapping):
-        items = {k: _map(v, fn, f"{path}[{k!r}]") for k, v in obj.items()}
-        if type(obj) is dict:
-            return items
-        try:
-            return type(obj)(items)
-        except Exception:
-            return items
+        return rebuild_mapping(obj, {k: _map(v, fn, f"{path}[{k!r}]") for k, v in obj.items()})
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {
             f.name: _map(getattr(obj, f.name), fn, f"{path}.{f.name}")
