@@ -167,6 +167,19 @@ def test_batch_of_one_is_skipped_with_a_reason() -> None:
     zoo.fit(zoo.MLP(), [check], data=zoo.regression_data(n=3, batch_size=1))
     (finding,) = check.findings
     assert finding.code == "check-skipped" and "1 sample" in finding.message
+    # the grad-mismatch comparison still ran on each of the 3 steps
+    assert check.steps_checked == 3
+
+
+def test_a_skipped_run_is_not_counted_as_a_checked_step() -> None:
+    """Before: every scheduled run counted, so the report said 3 steps checked of a run that
+    compared nothing."""
+    check = _check(check_optimizer_grad=False)
+    zoo.fit(zoo.MLP(), [check], data=zoo.regression_data(n=3, batch_size=1))
+    assert [f.code for f in check.findings] == ["check-skipped"]
+    assert check.steps_checked == 0
+    entry = check.report_entry()
+    assert entry["steps_checked"] == 0 and "1 sample" in entry["idle_reason"]
 
 
 def test_non_invasive_bitwise() -> None:

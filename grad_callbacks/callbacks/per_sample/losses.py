@@ -202,10 +202,16 @@ def manual_steps(
 ) -> list[tuple[int | None, list[Any]]]:
     """Run a manual-optimization ``training_step`` with its optimizers recording: per optimizer
     step, the optimizer's index and the losses it applies."""
+    return manual_record(trainer, module, batch, batch_idx).steps()
+
+
+def manual_record(trainer: Any, module: nn.Module, batch: Any, batch_idx: int) -> ManualSteps:
+    """Run a manual-optimization ``training_step`` with its optimizers recording, and return
+    the record (:meth:`ManualSteps.steps`, :meth:`ManualSteps.cleared`)."""
     manual = ManualSteps(trainer.optimizers)
     with stood_in(module, trainer, manual), _recording_backward(manual):
         module.training_step(batch, batch_idx)  # type: ignore[operator]
-    return manual.steps()
+    return manual
 
 
 # ------------------------------------------------------------------ random draws

@@ -228,9 +228,18 @@ def _weighted_finding(reduction: Reduction, *, step: int, n: int, size: int) -> 
 
 
 def accumulation_finding(
-    *, step: int, follows: Weighting, counts: list[float], accumulate: int
+    *, step: int, follows: Weighting, counts: list[float], accumulate: int, manual: bool = False
 ) -> Finding:
-    """``accumulation-weighting``: each micro-batch's loss is a mean over its own count."""
+    """``accumulation-weighting``: each micro-batch's loss is a mean over its own count.
+
+    ``manual``: the accumulation is written by hand in manual optimization (``manual_backward``
+    on each micro-batch, the optimizer stepped every ``accumulate`` of them).
+    """
+    window = (
+        f"hand-written accumulation: {accumulate} micro-batches backwarded per optimizer step"
+        if manual
+        else f"accumulate_grad_batches={accumulate}"
+    )
     lo, hi = min(counts), max(counts)
     ratio = hi / lo if lo > 0 else math.inf
     shown = ", ".join(f"{c:g}" for c in counts)
@@ -245,7 +254,7 @@ def accumulation_finding(
             f"micro-batch with {lo:g} weighs "
             + (f"{ratio:.3g}x" if math.isfinite(ratio) else "infinitely more than")
             + f" one in the micro-batch with {hi:g}, so the accumulated gradient is not the "
-            f"gradient of the window as one batch (accumulate_grad_batches={accumulate}). "
+            f"gradient of the window as one batch ({window}). "
             f"Fix: {CODES['accumulation-weighting'].fix}."
         ),
         data={
@@ -253,6 +262,7 @@ def accumulation_finding(
             "ratio": ratio if math.isfinite(ratio) else None,
             "follows": follows.describe(),
             "microbatches": len(counts),
+            "manual": manual,
         },
     )
 
