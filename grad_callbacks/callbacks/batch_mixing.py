@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from grad_callbacks.callbacks.base import AuditCallback, OnFinding
 from grad_callbacks.callbacks.recompute import (
+    Recomputations,
     kept_python_state,
     stood_in,
     training_step_compiled,
@@ -206,6 +207,8 @@ class BatchMixingCheck(AuditCallback):
         self.untested_calls: list[tuple[str, str]] = []
         self._all_tested: dict[str, None] = {}  # over the run, in order
         self._all_untested: dict[str, str] = {}
+        # What calling forward again changed that could not be put back (the test then stops).
+        self._record = Recomputations()
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -250,8 +253,9 @@ class BatchMixingCheck(AuditCallback):
                 # The test runs at the end of the batch, on the calls the step makes.
                 self._recorder = CallRecorder(pl_module).start()
             else:
-                with kept_python_state(pl_module):
+                with kept_python_state(pl_module, self._record):
                     self._check(trainer, pl_module, batch)
+                self._stop_if_lost()
 
     def on_train_batch_end(
         self,
@@ -265,17 +269,29 @@ class BatchMixingCheck(AuditCallback):
         if recorder is not None:
             with self.timed(), self.guarded("the batch-mixing test"):
                 calls = recorder.stop()
-                with kept_python_state(pl_module):
+                with kept_python_state(pl_module, self._record):
                     if calls:
                         self._check_calls(trainer, pl_module, calls, batch)
                     else:  # the step called neither forward nor a child module via __call__
                         self._check(trainer, pl_module, batch)
+                self._stop_if_lost()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def release(self) -> None:
         if self._recorder is not None:
             self._recorder.stop()
             self._recorder = None
+
+    def _stop_if_lost(self) -> None:
+        """``check-skipped`` naming what calling forward again changed and could not put back;
+        the test does not run again (:meth:`_due`)."""
+        if self._record.lost:
+            self._skip(
+                "calling the model again for the batch-mixing test changed "
+                + ", ".join(self._record.lost)
+                + ", which could not be put back; the test stops (keep such state small, or "
+                "leave BatchMixingCheck out)"
+            )
 
     def _skip(self, reason: str) -> None:
         """check-skipped, stamped with the step of the batch checked (the test of recorded calls
@@ -289,6 +305,8 @@ class BatchMixingCheck(AuditCallback):
         return not explicit and not training_step_compiled(pl_module)
 
     def _due(self, step: int) -> bool:
+        if self._record.lost:
+            return False
         if not self._ran_this_fit:
             return True
         n = self.every_n_steps

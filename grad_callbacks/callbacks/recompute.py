@@ -219,14 +219,33 @@ def capture_state(module: nn.Module) -> PythonState:
 
 
 @contextmanager
-def kept_python_state(module: nn.Module) -> Iterator[None]:
+def kept_python_state(module: nn.Module, record: Recomputations | None = None) -> Iterator[None]:
     """Put the module's Python state back after the block (see :class:`PythonState`): for the
-    checks that call the module's ``forward`` outside a recomputation of ``training_step``."""
+    checks that call the module's ``forward`` outside a recomputation of ``training_step``.
+
+    What could not be put back (a container too large to copy resized, a large tensor written
+    in place) is added to ``record.lost`` (the block is not counted as a recomputation), as
+    :func:`isolated` does: the check then reports ``check-skipped`` naming it.
+
+    Example:
+        >>> class Cache(nn.Linear):
+        ...     def forward(self, x):
+        ...         self.seen.extend(range(2))
+        ...         return super().forward(x)
+        >>> layer, record = Cache(2, 2), Recomputations()
+        >>> layer.seen = list(range(20_000))  # too large to copy
+        >>> with kept_python_state(layer, record):
+        ...     _ = layer(torch.ones(1, 2))
+        >>> record.lost, record.count
+        (['self.seen (resized, too large to copy)'], 0)
+    """
     state = capture_state(module)
     try:
         yield
     finally:
-        state.restore()
+        lost = state.restore()
+        if record is not None:
+            record.lost.extend(x for x in lost if x not in record.lost)
 
 
 class _Discard(io.TextIOBase):

@@ -435,3 +435,30 @@ def test_the_message_is_true_of_the_sample_it_names(model: str) -> None:
     else:
         assert own > 0.0
         assert f"against {own:.3g} on its own input" in finding.message
+
+
+class _MemoryBank(zoo_mixing.Regressor):
+    """Its forward appends each sample's output to a memory bank (a plain list attribute) too
+    large for the check to copy (over 10,000 items): calling forward again grows it for good."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(8, 1)
+        self.bank: list[float] = [0.0] * 20_000
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.bank.extend(out.detach().flatten().tolist())
+        return out
+
+
+def test_state_the_check_cannot_put_back_is_named_and_the_test_stops() -> None:
+    """Before: kept_python_state dropped what PythonState.restore() could not put back; the
+    bank grew silently at every run of the test."""
+    module = _MemoryBank()
+    check = BatchMixingCheck(every_n_steps=1, on_finding="log")
+    _fit(module, check, limit_train_batches=3)
+    finding = _only(check.findings, "check-skipped")
+    assert "self.bank (resized, too large to copy)" in finding.message
+    assert "the test stops" in finding.message and finding.step == 0
+    assert check.steps_checked == 1  # not run again on steps 1 and 2
