@@ -260,3 +260,38 @@ def test_class_weights_and_per_sample_weights_are_named() -> None:
         assert finding.code == "reduction-weighted" and follows in finding.data["follows"]
         weights = torch.tensor(finding.data["weights"])
         torch.testing.assert_close(weights, expected / expected.sum(), rtol=1e-4, atol=1e-6)
+
+
+class WindowNormalizedGPT2(zoo_real.HFModule):
+    """GPT-2's own loss with ``num_items_in_batch``: the window's target tokens (the fix)."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        return self.model(**inputs, num_items_in_batch=batch["num_items"][0]).loss
+
+
+@pytest.mark.parametrize("window_normalized", [False, True])
+def test_gpt2_with_accumulate_grad_batches(window_normalized: bool) -> None:
+    """A tiny GPT-2 (tied embeddings) on padded batches with -100 labels, two micro-batches per
+    step: its own loss (a mean over each micro-batch's target tokens) is accumulation-weighting
+    with the counts counted by hand; with ``num_items_in_batch`` it is silent."""
+    zoo_real.require_transformers()
+    from tests.callbacks.test_per_sample_manual import _gpt2_windows
+
+    batches, counts = _gpt2_windows()
+    assert counts[0] != counts[1]
+    data = torch.utils.data.DataLoader(batches, batch_size=None)
+    torch.manual_seed(0)
+    module = WindowNormalizedGPT2("gpt2") if window_normalized else zoo_real.HFModule("gpt2")
+    check = _check()
+    zoo.fit(module, [check], data=data, accumulate_grad_batches=2)
+    assert check.steps_checked == 1 and check.last_stats is not None
+    if window_normalized:
+        assert _alarms(check.findings) == []
+        assert "accumulation-weighting" not in _codes(check.findings)
+        return
+    (finding,) = _alarms(check.findings)
+    assert finding.code == "accumulation-weighting" and finding.data["manual"] is False
+    assert finding.data["counts"] == [float(c) for c in counts]
+    assert finding.data["ratio"] == pytest.approx(max(counts) / min(counts))
+    assert "accumulate_grad_batches=2" in finding.message
