@@ -38,9 +38,10 @@ all of them:
   rebinds, creates or deletes on the module and its submodules (a carried hidden state, a
   counter, a cache, one created on the instance over a class attribute), attributes of the
   user's own module classes, the globals and closure cells of ``training_step`` and
-  ``forward``; plain lists, dicts, sets and deques they hold are put back in place (shallow,
-  one level: their items are copied before and written back only when they changed), plain
-  tensors they hold are put back when written in place (their version counter moved);
+  ``forward``; plain lists, dicts, sets and deques they hold, and those held inside these or
+  a tuple (two levels: ``self.logs["train"].append(x)``), are put back in place (their items
+  are copied before and written back only when they changed), plain tensors they hold (also in
+  a tuple, list or dict) are put back when written in place (their version counter moved);
 * what the block prints is swallowed: ``sys.stdout`` / ``sys.stderr`` are redirected, Python
   ``logging`` is disabled and warnings are ignored for the block (in every thread: the block
   is short);
@@ -50,7 +51,7 @@ all of them:
 
 What is not undone: effects outside the module and the functions' own globals (a file written,
 a socket, another module's global, an object of another class mutated inside, a container
-nested deeper than one level), which :class:`Recomputations` counts runs of so that the report
+nested deeper than two levels), which :class:`Recomputations` counts runs of so that the report
 can say how many there were. Changes the picture saw but could not undo (a container too large
 to copy resized, a large tensor written in place) are returned in :attr:`Recomputations.lost`;
 the checks then report ``check-skipped`` naming them and stop recomputing. Nor are writes to

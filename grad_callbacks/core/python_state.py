@@ -13,18 +13,21 @@ mutates must look untouched afterwards. :class:`PythonState` is a shallow pictur
 * the global namespace and closure cells of the functions named (``training_step``,
   ``forward``, also when wrapped in ``functools.partial`` to record calls):
   ``global calls; calls += 1``;
-* one level inside: a plain ``list``, ``dict``, ``set`` or ``deque`` held by any of the above
-  (``self.history.append(x)``) is copied (shallow, up to :data:`MAX_CONTAINER` items) and its
-  contents put back *in place* when they changed, so references the user holds to it stay
-  valid; a plain tensor held by an attribute, directly or in a tuple or list (a carried hidden
-  state), is cloned (up to :data:`MAX_TENSOR` elements) and its values put back when it was
-  written in place (its version counter moved).
+* two levels inside: a plain ``list``, ``dict``, ``set`` or ``deque`` held by any of the above
+  (``self.history.append(x)``), or held by such a container or a tuple
+  (``self.logs["train"].append(x)``), is copied (shallow, up to :data:`MAX_CONTAINER` items)
+  and its contents put back *in place* when they changed, so references the user holds to it
+  stay valid; a plain tensor held by an attribute, directly or in a tuple, list or dict (a
+  carried hidden state), is cloned (up to :data:`MAX_TENSOR` elements) and its values put back
+  when it was written in place (its version counter moved). Containers of more than
+  :data:`MAX_SCANNED` items are not looked inside.
 
 What this cannot undo, it names (:meth:`PythonState.restore` returns the names): a container
 larger than :data:`MAX_CONTAINER` whose length changed, a tensor larger than
 :data:`MAX_TENSOR` written in place. It never sees: objects of other classes mutated inside
-(``self.tracker.update(...)``), containers nested deeper than one level, other modules'
-globals, files, sockets, other processes.
+(``self.tracker.update(...)``), containers nested deeper than two levels (or inside a container
+of more than :data:`MAX_SCANNED` items), other modules' globals, files, sockets, other
+processes.
 
 Example:
     >>> import torch
@@ -56,6 +59,12 @@ MAX_CONTAINER = 10_000
 #: Plain tensor attributes up to this many elements are cloned; larger ones are only watched
 #: (a write in place is reported).
 MAX_TENSOR = 1 << 22
+#: How deep inside an attribute's value containers and tensors are looked for: 2 is
+#: ``self.logs["train"].append(x)`` (a list in a dict), ``self.hidden[0].add_(1)`` (a tensor in
+#: a tuple).
+MAX_DEPTH = 2
+#: Containers of more items than this are not looked inside (their own items are still copied).
+MAX_SCANNED = 1_000
 
 # Module tables left to restored_state / functional_call.
 _MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
@@ -156,23 +165,40 @@ class _Namespace:
     inner: list[tuple[str, _Container | _TensorCopy]] = field(default_factory=list)
 
 
-def _watch_inner(name: str, value: Any, seen: set[int]) -> list[tuple[str, Any]]:
-    """Copies of the containers and tensors held by one attribute value (one level)."""
+def _members(value: Any) -> list[tuple[Any, Any]]:
+    """``(key, item)`` of a list, tuple, deque or dict; none of a set (what it holds is
+    hashable: no plain container)."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, tuple, collections.deque)):
+        return list(enumerate(value))
+    return []
+
+
+def _watch_inner(name: str, value: Any, seen: set[int], depth: int = 1) -> list[tuple[str, Any]]:
+    """Copies of the containers and tensors an attribute value holds, looked for up to
+    :data:`MAX_DEPTH` levels in (``self.logs["train"]`` is the second level of ``self.logs``),
+    inside containers of at most :data:`MAX_SCANNED` items."""
+    if id(value) in seen:
+        return []
     out: list[tuple[str, Any]] = []
-    candidates = [value]
-    if isinstance(value, (tuple, list)) and len(value) <= MAX_CONTAINER:
-        candidates += [v for v in value if _is_plain_tensor(v)]
-    for item in candidates:
-        if id(item) in seen:
-            continue
-        if type(item) in _CONTAINERS or isinstance(item, (collections.OrderedDict,)):
-            seen.add(id(item))
-            out.append((name, _Container.take(item)))
-        elif _is_plain_tensor(item):
-            copy = _TensorCopy.take(item)
-            if copy is not None:
-                seen.add(id(item))
-                out.append((name, copy))
+    if type(value) in _CONTAINERS or isinstance(value, collections.OrderedDict):
+        seen.add(id(value))
+        copy = _Container.take(value)
+        out.append((name, copy))
+        inside = copy.items is not None
+    elif _is_plain_tensor(value):
+        taken = _TensorCopy.take(value)
+        if taken is not None:
+            seen.add(id(value))
+            out.append((name, taken))
+        return out
+    else:
+        inside = type(value) is tuple  # immutable, but what it holds may be changed in place
+    if inside and depth < MAX_DEPTH and len(value) <= MAX_SCANNED:
+        for key, item in _members(value):
+            if type(item) in _CONTAINERS or type(item) is tuple or _is_plain_tensor(item):
+                out += _watch_inner(f"{name}[{key!r}]", item, seen, depth + 1)
     return out
 
 

@@ -554,3 +554,32 @@ def test_a_hook_sequence_recorded_through_partials_is_as_without_the_audit() -> 
     plain, audited = sequences
     assert plain == ["forward", "training_step"] * 3
     assert audited == plain
+
+
+class _NestedOutputs(zoo.MLP):
+    """Keeps its step outputs by split for the epoch end, a list inside a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.outputs["train"].append(loss.detach())
+        return loss
+
+
+def test_a_list_two_levels_in_is_as_without_the_audit() -> None:
+    """Before: the recomputations appended to ``self.outputs["train"]`` for good (only the
+    first level was put back)."""
+
+    def run(audit: bool) -> list[torch.Tensor]:
+        L.seed_everything(0)
+        module = _NestedOutputs()
+        callbacks = [GradientAudit(on_finding="log", every_n_steps=1, max_overhead=None)]
+        zoo.fit(module, callbacks if audit else [])
+        return module.outputs["train"]
+
+    plain, audited = run(False), run(True)
+    assert len(plain) == len(zoo.regression_data())
+    assert len(audited) == len(plain) and all(map(torch.equal, plain, audited))

@@ -118,3 +118,35 @@ def test_restoring_an_earlier_picture_then_the_current_one() -> None:
     entry.restore()
     assert net.calls == after_calls and net.hidden is after_hidden
     assert torch.equal(net.total, torch.ones(3))
+
+
+def test_containers_and_tensors_two_levels_in_are_put_back() -> None:
+    """Before: only one level was watched; ``self.logs["train"].append(x)`` and a tensor in a
+    dict written in place stayed changed."""
+    net = nn.Linear(2, 2)
+    train: list[int] = [1]
+    net.logs = {"train": train, "seen": {"a"}}
+    net.cache = {"h": torch.zeros(3)}
+    net.pairs = ([0], torch.zeros(2))
+    net.deep = {"a": {"b": []}}  # three levels: not watched
+    state = PythonState.capture(net)
+    net.logs["train"].append(2)
+    net.logs["seen"].add("b")
+    net.cache["h"].add_(1)
+    net.pairs[0].append(1)
+    net.pairs[1].add_(1)
+    net.deep["a"]["b"].append(1)
+    assert state.restore() == []
+    assert net.logs["train"] is train and train == [1] and net.logs["seen"] == {"a"}
+    assert torch.equal(net.cache["h"], torch.zeros(3))
+    assert net.pairs[0] == [0] and torch.equal(net.pairs[1], torch.zeros(2))
+    assert net.deep == {"a": {"b": [1]}}  # the documented limit
+
+
+def test_a_large_container_two_levels_in_is_named(monkeypatch) -> None:
+    monkeypatch.setattr(python_state, "MAX_CONTAINER", 3)
+    net = nn.Linear(2, 2)
+    net.logs = {"train": [1, 2, 3, 4]}
+    state = PythonState.capture(net)
+    net.logs["train"].append(5)
+    assert state.restore() == ["self.logs['train'] (resized, too large to copy)"]
