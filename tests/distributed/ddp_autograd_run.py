@@ -23,8 +23,7 @@ from tests.distributed.ddp import close_process_group, ddp_trainer
 warnings.filterwarnings("ignore")
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
+def main(out: str, mode: str) -> None:
     torch.manual_seed(0)
     trainer = ddp_trainer(out, [AutogradCheck(on_finding="log")], limit_train_batches=2)
     trainer.fit(FunctionNet(BadSquare if mode == "bad" else Square), zoo.regression_data(n=32))
@@ -32,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])

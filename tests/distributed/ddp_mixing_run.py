@@ -26,8 +26,7 @@ from tests.distributed.ddp import close_process_group, ddp_trainer
 warnings.filterwarnings("ignore")
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
+def main(out: str, mode: str) -> None:
     torch.manual_seed(0)
     module = zoo_mixing.MeanOverDim0() if mode == "mixing" else zoo_mixing.BatchNormNet()
     trainer = ddp_trainer(out, [BatchMixingCheck(every_n_steps=2)])
@@ -40,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])

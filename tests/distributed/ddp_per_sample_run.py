@@ -29,8 +29,7 @@ class DoublingOnRank1(zoo.MLP):
                 p.register_hook(lambda g: 2 * g)
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
+def main(out: str, mode: str) -> None:
     torch.manual_seed(0)
     trainer = ddp_trainer(
         out, [PerSampleGradientCheck(every_n_steps=1, on_finding="log")], accumulate_grad_batches=2
@@ -41,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])

@@ -45,8 +45,7 @@ class NaNOnRank1(zoo_issue4.NaNFeature):
         return super().training_step((x, y), batch_idx)
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
+def main(out: str, mode: str) -> None:
     torch.manual_seed(0)
     if mode == "sanity":
         model: Any = NaNOnRank1()
@@ -74,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])

@@ -148,8 +148,7 @@ def write_oracle(out: str, module: nn.Module) -> None:
         Path(out, "oracle.json").write_text(json.dumps(diffs))
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
+def main(out: str, mode: str) -> None:
     torch.manual_seed(0)
     model: L.LightningModule
     if mode == "broken":
@@ -197,4 +196,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])

@@ -49,8 +49,7 @@ class UnusedHeadNaNOnRank1(zoo_issue4.NaNFeature):
         return loss
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
+def main(out: str, mode: str) -> None:
     torch.manual_seed(0)
     trainer = ddp_trainer(
         out,
@@ -64,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])

@@ -39,8 +39,7 @@ class EverySeven(FixedWindows):
         return 7
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
+def main(out: str, mode: str) -> None:
     torch.manual_seed(0)
     model = NaNOnRank1From12() if mode == "nan" else zoo.MLP()
     audit = _audit(on_finding="log")
@@ -56,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])

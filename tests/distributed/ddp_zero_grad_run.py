@@ -32,8 +32,7 @@ class ForgetsZeroGradOnRank1(zoo.MLP):
         optimizer.zero_grad()
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
+def main(out: str, mode: str) -> None:
     torch.manual_seed(0)
     trainer = ddp_trainer(
         out, [GradientAudit(on_finding="log")], max_epochs=2, accumulate_grad_batches=2
@@ -43,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])
