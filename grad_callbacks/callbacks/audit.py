@@ -138,8 +138,9 @@ class GradientAudit(AuditCallback):
             ``on_finding="raise"`` for the watching (training must stop at the bad step).
             The report states the measured overhead and the share of batches watched.
         recompute: False forbids every check to run ``training_step`` (or the model) again
-            beside the real step: passed to the checks that take it (``PerSampleGradientCheck``
-            and ``AutogradCheck`` then report ``check-skipped`` once and do nothing). Use it
+            beside the real step: passed to the checks that take it (``PerSampleGradientCheck``,
+            ``AutogradCheck`` and ``BatchMixingCheck`` then report ``check-skipped`` and do
+            nothing). Use it
             when ``training_step`` has effects outside the module that a recomputation would
             repeat (a file it writes, a counter kept elsewhere). The report's
             ``recomputations`` says how many ran, per check.

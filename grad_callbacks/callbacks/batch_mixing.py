@@ -158,6 +158,8 @@ class BatchMixingCheck(AuditCallback):
         forward_fn: ``(pl_module, inputs) -> output``, to run something else than
             ``pl_module(inputs)`` (e.g. ``lambda m, x: m.encoder(x)``).
         atol: a cross-sample input gradient must exceed this in absolute value to count.
+        recompute: False forbids calling the model again beside the real step: the check then
+            reports ``check-skipped`` once and does nothing.
 
     Example:
         >>> check = BatchMixingCheck(sample_count=2, input_mapping=lambda b: (b["x"], b["mask"]))
@@ -179,6 +181,7 @@ class BatchMixingCheck(AuditCallback):
         output_mapping: OutputMapping | None = None,
         forward_fn: ForwardFn | None = None,
         atol: float = 0.0,
+        recompute: bool = True,
     ) -> None:
         if every_n_steps is not None and (
             not isinstance(every_n_steps, int)
@@ -198,6 +201,7 @@ class BatchMixingCheck(AuditCallback):
         self.output_mapping = output_mapping
         self.forward_fn = forward_fn
         self.atol = float(atol)
+        self.recompute = recompute
         self._ran_this_fit = False
         self._last_step: int | None = None
         self._recorder: CallRecorder | None = None
@@ -209,6 +213,9 @@ class BatchMixingCheck(AuditCallback):
         self._all_untested: dict[str, str] = {}
         # What calling forward again changed that could not be put back (the test then stops).
         self._record = Recomputations()
+        #: How many batches the test called the model again for (the report's
+        #: ``recomputations``).
+        self.recomputations = 0
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -219,6 +226,7 @@ class BatchMixingCheck(AuditCallback):
             "output_mapping": _callable_name(self.output_mapping),
             "forward_fn": _callable_name(self.forward_fn),
             "atol": self.atol,
+            **({"recompute": False} if not self.recompute else {}),
         }
 
     @property
@@ -229,6 +237,7 @@ class BatchMixingCheck(AuditCallback):
         """The check's report section, with every call it tested in the run (``tested_calls``)
         and those it could not test, with the reason (``untested_calls``)."""
         entry = super().report_entry()
+        entry["recomputations"] = self.recomputations
         entry["tested_calls"] = list(self._all_tested)
         if self._all_untested:
             entry["untested_calls"] = [f"{c}: {why}" for c, why in self._all_untested.items()]
@@ -247,12 +256,18 @@ class BatchMixingCheck(AuditCallback):
             return
         self._ran_this_fit = True
         self._last_step = trainer.global_step
+        if not self.recompute:
+            self._skip(
+                "recompute=False: the batch-mixing test calls the model again, so it does not run"
+            )
+            return
         with self.timed(), self.guarded("the batch-mixing test"):
             self.steps_checked += 1
             if self._records(pl_module):
                 # The test runs at the end of the batch, on the calls the step makes.
                 self._recorder = CallRecorder(pl_module).start()
             else:
+                self.recomputations += 1
                 with kept_python_state(pl_module, self._record):
                     self._check(trainer, pl_module, batch)
                 self._stop_if_lost()
@@ -269,6 +284,7 @@ class BatchMixingCheck(AuditCallback):
         if recorder is not None:
             with self.timed(), self.guarded("the batch-mixing test"):
                 calls = recorder.stop()
+                self.recomputations += 1
                 with kept_python_state(pl_module, self._record):
                     if calls:
                         self._check_calls(trainer, pl_module, calls, batch)
@@ -305,7 +321,7 @@ class BatchMixingCheck(AuditCallback):
         return not explicit and not training_step_compiled(pl_module)
 
     def _due(self, step: int) -> bool:
-        if self._record.lost:
+        if self._record.lost or (not self.recompute and self._ran_this_fit):
             return False
         if not self._ran_this_fit:
             return True

@@ -468,6 +468,7 @@ class _Tracker:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.forward_calls = 0
 
 
 class _Tracked(zoo.MLP):
@@ -479,7 +480,12 @@ class _Tracked(zoo.MLP):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self.tracker.calls += 1
         self.history.append(batch_idx)
-        return zoo.Square.apply(super().training_step(batch, batch_idx))
+        x, y = batch
+        return zoo.Square.apply(nn.functional.mse_loss(self(x), y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tracker.forward_calls += 1
+        return self.net(x)
 
 
 def test_recompute_false_runs_nothing_again_and_says_so_once() -> None:
@@ -488,14 +494,22 @@ def test_recompute_false_runs_nothing_again_and_says_so_once() -> None:
     zoo.fit(module, [recomputing])
     batches = len(zoo.regression_data())
     assert module.tracker.calls > batches  # the documented limit: its inside is not put back
+    assert module.tracker.forward_calls > module.tracker.calls  # the batch-mixing test's calls
+    assert all(
+        c.report_entry()["recomputations"] > 0
+        for c in recomputing.checks
+        if getattr(c, "recompute", False)
+    )
 
     audit = GradientAudit(on_finding="log", every_n_steps=1, max_overhead=None, recompute=False)
     module = _Tracked()
     zoo.fit(module, [audit])
     assert module.tracker.calls == batches and module.history == list(range(batches))
+    assert module.tracker.forward_calls == batches
     skipped = {f.check: f for f in audit.findings if f.code == "check-skipped"}
-    for name in ("PerSampleGradientCheck", "AutogradCheck"):
+    for name in ("PerSampleGradientCheck", "AutogradCheck", "BatchMixingCheck"):
         assert "recompute=False" in skipped[name].message
+    assert skipped["BatchMixingCheck"].count == 1
     for check in audit.checks:
         if hasattr(check, "recompute"):
             assert check.recompute is False and check.report_entry()["recomputations"] == 0
