@@ -42,6 +42,9 @@ all of them:
   a tuple (two levels: ``self.logs["train"].append(x)``), are put back in place (their items
   are copied before and written back only when they changed), plain tensors they hold (also in
   a tuple, list or dict) are put back when written in place (their version counter moved);
+* files the block opens for writing with ``open()`` are in-memory files whose contents are
+  dropped (:mod:`~grad_callbacks.callbacks.file_guard`); one opened for reading and writing is
+  opened as asked and reported as a change that could not be undone;
 * what the block prints is swallowed: ``sys.stdout`` / ``sys.stderr`` are redirected, Python
   ``logging`` is disabled and warnings are ignored for the block (in every thread: the block
   is short);
@@ -49,11 +52,12 @@ all of them:
   the real step), the block starts from that state (a faithful replay of a step that carries
   state), and the state at entry is put back afterwards.
 
-What is not undone: effects outside the module and the functions' own globals (a file written,
-a socket, another module's global, an object of another class mutated inside, a container
-nested deeper than two levels), which :class:`Recomputations` counts runs of so that the report
-can say how many there were. Changes the picture saw but could not undo (a container too large
-to copy resized, a large tensor written in place) are returned in :attr:`Recomputations.lost`;
+What is not undone: effects outside the module and the functions' own globals (a file written
+other than through ``open()``, a socket, another module's global, an object of another class
+mutated inside, a container nested deeper than two levels), which :class:`Recomputations`
+counts runs of so that the report can say how many there were. Changes the picture saw but could
+not undo (a container too large to copy resized, a large tensor written in place, a file opened
+for reading and writing) are returned in :attr:`Recomputations.lost`;
 the checks then report ``check-skipped`` naming them and stop recomputing. Nor are writes to
 ``.grad`` that bypass autograd and the optimizers (``torch.nn.utils.clip_grad_norm_`` called
 directly instead of ``self.clip_gradients``, ``p.grad.zero_()``, a submodule's ``zero_grad()``)
@@ -87,6 +91,7 @@ import torch
 from torch import nn
 
 from grad_callbacks.callbacks.backward_guard import _live_grads_guarded
+from grad_callbacks.callbacks.file_guard import files_guarded
 from grad_callbacks.callbacks.stand_ins import ManualSteps, stood_in
 from grad_callbacks.core.per_sample import run_eagerly
 from grad_callbacks.core.python_state import PythonState
@@ -241,10 +246,12 @@ def kept_python_state(module: nn.Module, record: Recomputations | None = None) -
         (['self.seen (resized, too large to copy)'], 0)
     """
     state = capture_state(module)
+    lost: list[str] = []
     try:
-        yield
+        with files_guarded(lost):
+            yield
     finally:
-        lost = state.restore()
+        lost += state.restore()
         if record is not None:
             record.lost.extend(x for x in lost if x not in record.lost)
 
@@ -324,6 +331,7 @@ def isolated(
         stack.enter_context(_restored_metrics(module))
         stack.enter_context(stood_in(module, trainer, manual))
         stack.enter_context(_live_grads_guarded(module, trainer, manual))
+        stack.enter_context(files_guarded(record.lost if record is not None else []))
         stack.enter_context(_forked_host_rng())
         stack.enter_context(torch.random.fork_rng(devices=devices, enabled=True))
         if rng_state is not None:
