@@ -264,6 +264,7 @@ class GradientAudit(AuditCallback):
 
     @property
     def findings(self) -> list[Finding]:
+        self._take_back()
         return [f for check in self.checks for f in check.findings]
 
     def _compute_state_key(self) -> str:

@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 
+from grad_callbacks.callbacks import spawned
 from grad_callbacks.callbacks.distributed import (
     any_rank,
     gather_objects,
@@ -109,6 +110,10 @@ class AuditCallback(pl.Callback):
     live_attributes: ClassVar[tuple[str, ...]] = ("_trainer", "_held")
     #: Short tag prefix under ``grad_audit/`` for this check's scalars.
     metric_prefix: ClassVar[str] = "check"
+    # Findings made in spawned processes (grad_callbacks.callbacks.spawned): the file a spawned
+    # copy writes back to, and, in the launching process, the file it reads from.
+    _return_to: str | None = None
+    _spawn_return: str | None = None
 
     def __init__(
         self,
@@ -171,7 +176,14 @@ class AuditCallback(pl.Callback):
             >>> pickle.loads(pickle.dumps(check))._trainer is None
             True
         """
+        self._take_back()  # a process started again starts from what the last ones found
         state = self.__dict__.copy()
+        state["_spawn_return"] = None
+        state["_return_to"] = (
+            spawned.return_file(self)
+            if self._owner is None and spawned.pickled_to_spawn()
+            else None
+        )
         for name in _live_attributes(type(self)):
             if name in state:
                 value = state[name]
@@ -240,7 +252,9 @@ class AuditCallback(pl.Callback):
     # ------------------------------------------------------------------ findings
     @property
     def findings(self) -> list[Finding]:
-        """Findings of this check, from every rank once gathered, de-duplicated."""
+        """Findings of this check, from every rank once gathered, de-duplicated (under
+        ``ddp_spawn``, in the launching process too once fit has returned)."""
+        self._take_back()
         if not self._remote:
             return self._log.findings
         merged = FindingLog()
@@ -249,6 +263,17 @@ class AuditCallback(pl.Callback):
             for f in self._log.findings if r == rank else self._remote[r]:
                 merged.merge(f, r)
         return merged.findings
+
+    def _take_back(self) -> None:
+        """Load what a spawned copy of this callback (or of its bundle) wrote back, if any."""
+        top = self._owner if self._owner is not None else self
+        if top._spawn_return is not None:
+            spawned.take_back(top)
+
+    def _send_back(self, trainer: pl.Trainer) -> None:
+        """In a spawned copy on global rank 0: write back what the launching process reads."""
+        if self._return_to is not None and trainer.is_global_zero:
+            spawned.send_back(self, self._return_to)
 
     def report(self, finding: Finding) -> None:
         """Record a finding and apply the ``on_finding`` policy to it."""
@@ -445,6 +470,7 @@ class AuditCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_leader:
             self._write_outputs(trainer, status="finished")
+        self._send_back(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -453,6 +479,7 @@ class AuditCallback(pl.Callback):
         if self._is_leader:
             status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
             self._write_outputs(trainer, status=status, error=repr(exception))
+        self._send_back(trainer)
 
     # ------------------------------------------------------------------ internals
     def _agreeing_checks(self) -> list[AuditCallback]:

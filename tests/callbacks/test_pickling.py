@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import multiprocessing.context
+import operator
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -165,6 +168,45 @@ def test_pickled_trainer_before_fit() -> None:
     assert any(isinstance(cb, GradientAudit) for cb in restored.callbacks)
 
 
+def _as_if_spawned(obj: Any) -> Any:
+    """Pickle ``obj`` as multiprocessing does to start a process (``ddp_spawn``), load it."""
+    previous = multiprocessing.context.get_spawning_popen()
+    multiprocessing.context.set_spawning_popen(object())
+    try:
+        data = pickle.dumps(obj)
+    finally:
+        multiprocessing.context.set_spawning_popen(previous)
+    return pickle.loads(data)
+
+
+@pytest.mark.parametrize("make", [CHECKS[0], CHECKS[1]], ids=IDS[:2])
+def test_findings_of_a_spawned_copy_come_back_to_the_launching_process(
+    make: Callable[[], AuditCallback], tmp_path: Path
+) -> None:
+    original = make()
+    original.report_dir = str(tmp_path)
+    worker = _as_if_spawned(original)  # what a ddp_spawn process trains with
+    zoo.fit(zoo.NoZeroGradAutomatic(), [worker])
+    assert "missing-zero-grad" in {f.code for f in worker.findings}
+    # the launching process's callback holds what the spawned rank 0 found, read once
+    assert _codes(original) == _codes(worker)
+    checked = [c.steps_checked for c in getattr(worker, "checks", [worker])]
+    assert [c.steps_checked for c in getattr(original, "checks", [original])] == checked
+    assert sum(checked) > 0
+    assert original.report_path == worker.report_path == str(tmp_path / "grad_audit.json")
+    assert original._spawn_return is not None and not Path(original._spawn_return).exists()
+    # a later process start carries them on: the next copy starts from them
+    assert _codes(_as_if_spawned(original)) == _codes(worker)
+
+
+def test_copies_that_are_not_process_starts_carry_nothing_back() -> None:
+    original = GradientAudit(on_finding="log")
+    for copied in (_pickled(original), copy.deepcopy(original)):
+        zoo.fit(zoo.NoZeroGradAutomatic(), [copied])
+        assert "missing-zero-grad" in {f.code for f in copied.findings}
+        assert original.findings == []
+
+
 @pytest.mark.slow
 def test_ddp_spawn_trains_and_reports(tmp_path: Path) -> None:
     report = run_ddp_script(ROOT / "tests/distributed/ddp_spawn_run.py", tmp_path, "broken")
@@ -172,3 +214,12 @@ def test_ddp_spawn_trains_and_reports(tmp_path: Path) -> None:
     (finding,) = [f for f in report["findings"] if f["severity"] != "info"]
     assert finding["code"] == "missing-zero-grad"
     assert finding["data"]["ranks"] == [1]
+    # The launching process's GradientAudit did not train; what rank 0 found comes back to it.
+    launcher = json.loads((tmp_path / "launcher.json").read_text())
+    key = operator.itemgetter("check", "code", "step")
+    assert sorted(map(key, launcher["findings"])) == sorted(map(key, report["findings"]))
+    assert launcher["report_path"] is not None
+    written = next(tmp_path.rglob("grad_audit.json"))
+    assert Path(launcher["report_path"]).resolve() == written.resolve()
+    checked = {c["name"]: c["steps_checked"] for c in report["checks"]}
+    assert launcher["steps_checked"] == checked and checked["ZeroGradCheck"] > 0
