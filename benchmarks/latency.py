@@ -1,7 +1,7 @@
 """Detection latency and steady-state cost of the default ``GradientAudit()``.
 
 Usage: python benchmarks/latency.py [--steps N] [--repeats R] [--onset K] [--models a,b]
-       [--markdown]
+       [--threads T] [--no-latency]
 
 Per model (a millisecond MLP, a small CNN, a tiny-config ``transformers`` ViT from
 tests/zoo_real.py, and a GAN in manual optimization for the leak):
@@ -13,12 +13,16 @@ tests/zoo_real.py, and a GAN in manual optimization for the leak):
   to the batch at whose end the finding is in ``audit.findings``, against the bound the SPEC
   states (10 for NaN/Inf, 50 for the rest), and for the NaN whether the finding names the
   onset step and batch.
-* **steady-state overhead**: the same model trained clean for ``--steps`` batches with and
-  without the audit, alternating (A B A B ...), timing the batches from the 100th on; printed
-  is the ratio of the fastest runs (the least disturbed by other load on a shared machine), the
-  audit's own measure of its steady state (``overhead.steady_state.measured`` in the report),
-  its one-time first-batch cost in seconds and in training steps, and the share of batches its
-  per-step checks watched.
+* **steady-state overhead**: the same model trained clean for ``--steps`` batches without
+  the audit, with a callback that does nothing (what Lightning's dispatch of any callback's
+  hooks costs), and with the audit, in turn (A N B A N B ...), timing the batches from the
+  100th on in wall time and in this process's CPU time; printed are the ratios to the run
+  without a callback of the fastest runs (the least disturbed by other load on a shared
+  machine) and of the medians, the audit's own measure of its steady state
+  (``overhead.steady_state.measured`` in the report), its one-time first-batch cost in seconds
+  and in training steps, the share of batches its per-step checks watched, and the load
+  average (1 min) before and after: wall-time figures taken under load are not a measure of
+  the audit.
 
 Not a test: the suite pins the latency bounds in steps (tests/callbacks/test_latency.py), which
 do not depend on machine speed.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -139,20 +144,26 @@ class FirstSeen(L.Callback):
 
 
 class SteadyClock(L.Callback):
-    """Wall time from the start of batch ``start`` to the end of training."""
+    """Wall and CPU time from the start of batch ``start`` to the end of training."""
 
     def __init__(self, start: int = 100) -> None:
         self.start = start
-        self.t0: float | None = None
+        self.t0: tuple[float, float] | None = None
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.fit_loop.epoch_loop.total_batch_idx == self.start:
-            self.t0 = time.perf_counter()
+            self.t0 = (time.perf_counter(), time.process_time())
 
     def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
         assert self.t0 is not None
-        self.seconds = time.perf_counter() - self.t0
+        self.seconds = time.perf_counter() - self.t0[0]
+        self.cpu_seconds = time.process_time() - self.t0[1]
+
+
+class Nothing(L.Callback):
+    """A callback that does nothing: Lightning still calls each of its hooks at every batch."""
 
 
 def latency(name: str, bug: str, onset: int, after: int) -> dict[str, Any]:
@@ -180,34 +191,48 @@ def latency(name: str, bug: str, onset: int, after: int) -> dict[str, Any]:
 
 
 def overhead(name: str, steps: int, repeats: int) -> dict[str, Any]:
-    bare: list[float] = []
-    audited: list[float] = []
+    wall: dict[str, list[float]] = {"bare": [], "nothing": [], "audit": []}
+    cpu: dict[str, list[float]] = {"bare": [], "nothing": [], "audit": []}
     reports: list[dict[str, Any]] = []
+    load_before = os.getloadavg()[0]
     for _ in range(repeats):
-        for with_audit in (False, True):
+        for arm in wall:
             torch.manual_seed(0)
             module, data, _ = MODELS[name](steps)
             clock = SteadyClock()
             callbacks: list[L.Callback] = [clock]
-            audit = GradientAudit(on_finding="log") if with_audit else None
+            audit = GradientAudit(on_finding="log") if arm == "audit" else None
             if audit is not None:
                 callbacks.append(audit)
+            elif arm == "nothing":
+                callbacks.append(Nothing())
             _trainer(callbacks, steps).fit(module, data)
-            if audit is None:
-                bare.append(clock.seconds)
-            else:
-                audited.append(clock.seconds)
+            wall[arm].append(clock.seconds)
+            cpu[arm].append(clock.cpu_seconds)
+            if audit is not None:
                 reports.append(audit.report_extras()["overhead"])
     last = reports[-1]
+
+    def ratios(times: dict[str, list[float]], arm: str) -> tuple[float, float]:
+        fastest = min(times[arm]) / min(times["bare"])
+        return fastest, statistics.median(times[arm]) / statistics.median(times["bare"])
+
     return {
-        "ratio_fastest": min(audited) / min(bare),
-        "ratio_median": statistics.median(audited) / statistics.median(bare),
+        "ratio": ratios(wall, "audit"),
+        "ratio_nothing": ratios(wall, "nothing"),
+        "cpu_ratio": ratios(cpu, "audit"),
+        "cpu_ratio_nothing": ratios(cpu, "nothing"),
         "steady_measured": statistics.median(r["steady_state"]["measured"] for r in reports),
-        "step_ms": 1e3 * min(bare) / (steps - 100),
+        "step_ms": 1e3 * min(wall["bare"]) / (steps - 100),
         "one_time_s": last["one_time"]["seconds"],
         "one_time_steps": last["one_time"]["training_steps"],
         "watched": last["watched_share"],
+        "load": (load_before, os.getloadavg()[0]),
     }
+
+
+def _pair(pair: tuple[float, float]) -> str:
+    return f"{pair[0]:.3f} / {pair[1]:.3f}"
 
 
 def main() -> None:
@@ -218,12 +243,14 @@ def main() -> None:
     parser.add_argument("--after", type=int, default=70, help="batches run after the onset")
     parser.add_argument("--models", default="mlp,cnn,vit,gan")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-latency", action="store_true", help="the cost only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
+    costs: list[tuple[str, dict[str, Any]]] = []
     for name in args.models.split(","):
         cost = overhead(name, args.steps, args.repeats)
-        for bug in BUGS[name]:
+        for bug in () if args.no_latency else BUGS[name]:
             found = latency(name, bug, args.onset, args.after)
             rows.append((name, bug, found, cost))
             steps = "not found" if found["steps"] is None else found["steps"]
@@ -235,25 +262,39 @@ def main() -> None:
                 f"(bound {LATENCY_BOUNDS[CODES[bug]]}){named}",
                 flush=True,
             )
+        costs.append((name, cost))
         print(
-            f"{name:4s} step {cost['step_ms']:.2f} ms | steady wall ratio fastest "
-            f"{cost['ratio_fastest']:.3f} median {cost['ratio_median']:.3f} | audit's own "
-            f"steady measure {cost['steady_measured']:.3f} | one-time {cost['one_time_s']:.3f} s "
-            f"= {cost['one_time_steps']:.0f} steps | watched {cost['watched']:.2f}",
+            f"{name:4s} step {cost['step_ms']:.2f} ms | steady ratios to no callback (fastest / "
+            f"median): wall {_pair(cost['ratio'])}, cpu {_pair(cost['cpu_ratio'])}; a callback "
+            f"doing nothing: wall {_pair(cost['ratio_nothing'])}, cpu "
+            f"{_pair(cost['cpu_ratio_nothing'])} | audit's own steady measure "
+            f"{cost['steady_measured']:.3f} | one-time {cost['one_time_s']:.3f} s = "
+            f"{cost['one_time_steps']:.0f} steps | watched {cost['watched']:.2f} | load "
+            f"{cost['load'][0]:.1f}-{cost['load'][1]:.1f}",
             flush=True,
         )
     print()
-    print("| model | step (ms) | bug | steps to finding (bound) | steady wall ratio (fastest / "
-          "median) | audit's steady measure | one-time (s / steps) | watched |")
+    print("| model | step (ms) | audit: wall / cpu ratio, fastest (median) | a callback doing "
+          "nothing: wall / cpu | audit's steady measure | one-time (s / steps) | watched | "
+          "load |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, bug, found, cost in rows:
-        steps = "not found" if found["steps"] is None else str(found["steps"])
+    for name, cost in costs:
         print(
-            f"| {name} | {cost['step_ms']:.1f} | {bug} | {steps} "
-            f"({LATENCY_BOUNDS[CODES[bug]]}) | {cost['ratio_fastest']:.3f} / "
-            f"{cost['ratio_median']:.3f} | {cost['steady_measured']:.3f} | "
-            f"{cost['one_time_s']:.2f} / {cost['one_time_steps']:.0f} | {cost['watched']:.2f} |"
+            f"| {name} | {cost['step_ms']:.1f} | {cost['ratio'][0]:.3f} "
+            f"({cost['ratio'][1]:.3f}) / {cost['cpu_ratio'][0]:.3f} ({cost['cpu_ratio'][1]:.3f})"
+            f" | {cost['ratio_nothing'][0]:.3f} / {cost['cpu_ratio_nothing'][0]:.3f} | "
+            f"{cost['steady_measured']:.3f} | {cost['one_time_s']:.2f} / "
+            f"{cost['one_time_steps']:.0f} | {cost['watched']:.2f} | {cost['load'][0]:.1f}-"
+            f"{cost['load'][1]:.1f} |"
         )
+    if not rows:
+        return
+    print()
+    print("| model | bug | steps to finding (bound) |")
+    print("|---|---|---|")
+    for name, bug, found, _ in rows:
+        steps = "not found" if found["steps"] is None else str(found["steps"])
+        print(f"| {name} | {bug} | {steps} ({LATENCY_BOUNDS[CODES[bug]]}) |")
 
 
 if __name__ == "__main__":

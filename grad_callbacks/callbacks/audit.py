@@ -24,16 +24,18 @@ import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.autograd_check import AutogradCheck
 from grad_callbacks.callbacks.base import (
+    _BASE_HOOK_BODIES,
+    BATCH_HOOKS,
     CALLBACK_HOOKS,
     AuditCallback,
     OnFinding,
-    _Timer,
     audit_hook,
 )
 from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.rank_sync import RankSyncCheck
+from grad_callbacks.callbacks.routing import Router
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
 from grad_callbacks.core.budget import OverheadBudget, WatchWindows
@@ -102,17 +104,6 @@ LATENCY_BOUNDS: dict[str, int] = {
     "stale-grad": 50,
     "missing-grad": 50,
 }
-# Per-batch hooks not called on a check while it is not watching.
-_WATCHED_HOOKS = frozenset(
-    {
-        "on_train_batch_start",
-        "on_before_backward",
-        "on_after_backward",
-        "on_before_optimizer_step",
-        "on_before_zero_grad",
-    }
-)
-
 #: Settings GradientAudit gives a check it builds when the user passes no every_n_steps.
 #: GradientSanityCheck reads its device accumulators every 20 steps instead of every step (the
 #: steps in its findings stay exact; a NaN/Inf makes GradientAudit's sentinel read them at
@@ -158,7 +149,7 @@ class GradientAudit(AuditCallback):
     metric_prefix = "audit"
     needs_whole_gradients = False  # its checks decide for themselves
     live_attributes = (
-        "_targets",
+        "_router",
         "_batch_started",
         "finite_sentinel",
         "clear_sentinel",
@@ -185,7 +176,9 @@ class GradientAudit(AuditCallback):
         self.max_overhead = max_overhead
         self.recompute = recompute
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
-        self._batch_started: tuple[float, float, float, float] | None = None
+        self._batch_started: float | None = None
+        # Whether the watching checks watch the current batch (None: not known yet).
+        self._watching: bool | None = None
         self._own_seconds = 0.0  # in this callback's hooks, its checks' included
         self._every_n_steps_given = every_n_steps
         # One pass of gradient norms per optimizer step for the checks that read them.
@@ -238,25 +231,36 @@ class GradientAudit(AuditCallback):
         self.clear_sentinel: ClearSentinel | None = None
         self._clear_window: int | None = None  # zero-grad findings when a sentinel asked
         self._batch_idx = 0
+        self._step = 0  # global_step at the start of the batch
+        self._automatic = True
         self._one_time = False
         self._optimizers: list[Any] = []
+        self._optimizer_index: dict[int, int] = {}
+        # Per batch, for the budget: this callback's time at the start of the batch, and each
+        # check's (total, outside) seconds when the batch first reached it (an awake check at
+        # the start, one woken or started watching later on). A check that sleeps through the
+        # batch spends nothing in it.
+        self._own_before = 0.0
+        self._before: dict[int, tuple[float, float]] = {}
+        index = {id(c): i for i, c in enumerate(built)}
+        self._watcher_ids = frozenset(index[id(c)] for c in self._watchers)
+        self._scheduled_ids = frozenset(index[id(c)] for c in self._scheduled)
+        self._hooking_ids = frozenset(index[id(c)] for c in self._hooking)
+        self._accounted_ids = self._watcher_ids | self._scheduled_ids | self._hooking_ids
         self._route()
 
     def _route(self) -> None:
-        """Find, per hook, the checks that do something in it (the others are not called), with
-        the hook's body: this callback's own hook wrapper already did what the checks' wrappers
-        would (see :meth:`_call`). Bodies are not picklable (pickle finds a function by name,
-        and the name is the wrapper's), so a copy routes again (:meth:`__setstate__`)."""
-        self._targets = {
-            name: [(c, _body(c, name)) for c in self.checks if _implements(c, name)]
-            for name in CALLBACK_HOOKS
-        }
-        # Checks whose on_train_batch_end is the base class's: it only flushes their scalars.
-        base_end = AuditCallback.on_train_batch_end.__wrapped__  # type: ignore[attr-defined]
-        self._flushed_only = [c for c in self.checks if _body(c, "on_train_batch_end") is base_end]
-        self._targets["on_train_batch_end"] = [
-            (c, body) for c, body in self._targets["on_train_batch_end"] if body is not base_end
-        ]
+        """Find, per hook, the checks that do something in it (the others are not called), and
+        which checks sleep (see :mod:`~grad_callbacks.callbacks.routing`). The routes hold
+        hook bodies, which pickle cannot carry, so a copy routes again (:meth:`__setstate__`)."""
+        self._router = Router(self.checks)
+        # Lightning calls every hook of every callback at every batch; a per-batch hook that no
+        # check implements is Lightning's no-op here, not a wrapper that finds nothing to do.
+        for name in BATCH_HOOKS - _OWN_HOOKS:
+            if self._router.targets[name]:
+                self.__dict__.pop(name, None)
+            else:
+                self.__dict__[name] = _noop
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -280,6 +284,7 @@ class GradientAudit(AuditCallback):
         for check in self.checks:
             if check.state_key in state_dict:
                 check.load_state_dict(state_dict[check.state_key])
+        self._router.wake_all()
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -299,33 +304,61 @@ class GradientAudit(AuditCallback):
         them) and in the hooks its checks put on tensors and optimizers."""
         return self._own_seconds + sum(check.outside_seconds for check in self._hooking)
 
-    def _own(self) -> _Timer:
-        return _Timer(self, "_own_seconds")
-
     def _call(self, name: str, *args: Any, **kwargs: Any) -> None:
-        """Call hook ``name`` of every check that does something in it (and is watching).
+        """Call hook ``name`` of every check that does something in it (for a per-batch hook:
+        every awake check, and for a watched hook, every watching one).
 
         A check's hook wrapper (:func:`~grad_callbacks.callbacks.base.audit_hook`) is skipped
         unless the check is inactive: for a check inside this callback it would only repeat
         what this callback's wrapper did (leave dynamo, agree with the other ranks).
         """
-        for check, body in self._targets[name]:
-            if check.watching or name not in _WATCHED_HOOKS:
-                if check._inactive:
-                    getattr(check, name)(*args, **kwargs)
-                else:
-                    body(check, *args, **kwargs)
+        router = self._router
+        route = router.batch.get(name)
+        for check, body in router.targets[name] if route is None else route:
+            if check._inactive:
+                getattr(check, name)(*args, **kwargs)
+            else:
+                body(check, *args, **kwargs)
 
+    # ------------------------------------------------------------------ sleep and wake
+    def _touch(self, i: int) -> None:
+        """Note check ``i``'s seconds before the batch reaches it (see ``_before``)."""
+        if i in self._accounted_ids and i not in self._before:
+            check = self.checks[i]
+            outside = check.outside_seconds
+            self._before[i] = (check.seconds_spent + outside, outside)
+
+    def _wake(self, check: AuditCallback) -> None:
+        """Call ``check``'s per-batch hooks again from now on (:meth:`AuditCallback.wake`)."""
+        self._touch(self._router.index(check))
+        self._router.wake(check)
+
+    def _wake_due(self, step: int) -> None:
+        router = self._router
+        if router.next_wake is not None and step >= router.next_wake:
+            for i in router.wake_due(step):
+                self._touch(i)
+
+    # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        with self._own():
+        start = time.perf_counter()
+        try:
+            self._router.wake_all()
             patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
             self._window_steps = max(WATCH_WINDOW_STEPS, patience + 1)
+            if self.watch_windows is not None:
+                self.watch_windows.accumulate = 0  # the lengths are set at the first batch
+            self._watching = None
+            self._automatic = bool(pl_module.automatic_optimization)
             self._call("on_train_start", trainer, pl_module)
             AuditCallback.on_train_start(self, trainer, pl_module)
             self._start_sentinels(trainer)
+        finally:
+            self._own_seconds += time.perf_counter() - start
 
     def _start_sentinels(self, trainer: pl.Trainer) -> None:
         self._optimizers = list(trainer.optimizers)
+        self._optimizer_index = {id(opt): i for i, opt in enumerate(self._optimizers)}
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # With a GradScaler, NaN/Inf gradients are the scaler's business (it skips the step).
         scaled = scaler is not None and bool(scaler.is_enabled())
@@ -339,34 +372,55 @@ class GradientAudit(AuditCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        scheduled = sum(check.total_seconds for check in self._scheduled)
-        watching = sum(check.total_seconds for check in self._watchers)
-        self._batch_started = (time.perf_counter(), self.audit_seconds, scheduled, watching)
-        # The batches before the first optimizer step carry the one-time audit.
-        self._one_time = trainer.global_step == 0
-        with self._own():
+        start = time.perf_counter()
+        self._own_before = self._own_seconds
+        self._before = {}
+        router = self._router
+        for i in router.awake_indices:
+            self._touch(i)
+        self._batch_started = start
+        try:
+            step = self._step = trainer.global_step
+            # The batches before the first optimizer step carry the one-time audit.
+            self._one_time = step == 0
             self._batch_idx = batch_idx
+            if router.next_wake is not None and step >= router.next_wake:
+                self._wake_due(step)
             if self.finite_sentinel is not None and self.finite_sentinel._reads:
                 self._poll_finite()
             if self.watch_windows is not None:
-                self._choose_watching(trainer, batch_idx, watching)
-            self._call("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+                self._choose_watching(trainer, batch_idx)
+            if self._router.batch["on_train_batch_start"]:
+                self._call("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+        finally:
+            self._own_seconds += time.perf_counter() - start
 
-    def _choose_watching(self, trainer: pl.Trainer, batch_idx: int, spent: float) -> None:
-        assert self.watch_windows is not None
+    def _choose_watching(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        windows = self.watch_windows
+        assert windows is not None
         # Read at every batch: a GradientAccumulationScheduler changes it between epochs.
-        accumulate = max(1, int(trainer.accumulate_grad_batches))
-        self.watch_windows.length = self._window_steps * accumulate
-        self.watch_windows.first_length = FIRST_WINDOW_STEPS * accumulate
-        self.watch_windows.max_gap = MAX_WINDOW_GAP_STEPS * accumulate
-        spent = sum(check.total_seconds for check in self._watchers)
+        accumulate = trainer.accumulate_grad_batches
+        if accumulate != windows.accumulate:
+            accumulate = max(1, int(accumulate))
+            windows.accumulate = accumulate
+            windows.length = self._window_steps * accumulate
+            windows.first_length = FIRST_WINDOW_STEPS * accumulate
+            windows.max_gap = MAX_WINDOW_GAP_STEPS * accumulate
+        # The watching checks' time so far, where the windows read it (opening or closing).
+        spent = sum(c.total_seconds for c in self._watchers) if windows.needs_spent() else 0.0
         # A window opens where an accumulation window does, so that its first step's count of
         # micro-batches is exact.
-        aligned = batch_idx % accumulate == 0
-        watch = self.watch_windows.watch(spent, may_open=aligned)
+        watch = windows.watch(spent, may_open=batch_idx % windows.accumulate == 0)
+        if watch == self._watching:
+            return
+        self._watching = watch
         for check in self._watchers:
             if check.watching != watch:
+                self._touch(self._router.index(check))
                 check.start_watching() if watch else check.stop_watching()
+                if watch:
+                    self._router.wake(check)
+        self._router.rebuild()
         if not watch and self._clear_window is not None and self._zero_grad is not None:
             # The window the clear sentinel asked for is over: when the exact check found
             # nothing, the sentinel is wrong for this run (gradients cleared in place).
@@ -379,24 +433,33 @@ class GradientAudit(AuditCallback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any
     ) -> None:
-        with self._own():
-            if self.finite_sentinel is not None:
-                self.finite_sentinel.add_loss(loss, trainer.global_step, self._batch_idx)
-            self._call("on_before_backward", trainer, pl_module, loss)
+        start = time.perf_counter()
+        try:
+            finite = self.finite_sentinel
+            if finite is not None:
+                # In manual optimization the step moves within the batch.
+                step = self._step if self._automatic else trainer.global_step
+                finite.add_loss(loss, step, self._batch_idx)
+            if self._router.batch["on_before_backward"]:
+                self._call("on_before_backward", trainer, pl_module, loss)
+        finally:
+            self._own_seconds += time.perf_counter() - start
 
     def _poll_finite(self) -> None:
         assert self.finite_sentinel is not None
         found = self.finite_sentinel.poll()
         if found is not None:
             assert self._sanity is not None
+            self._touch(self._router.index(self._sanity))
             self._sanity.nonfinite_seen(found)
+            self._wake(self._sanity)
             self.finite_sentinel = None  # its work is done: the sanity check reports it
             if self.watch_windows is not None and not self._sanity.watching:
                 self.watch_windows.request()
 
     def _sentinels_at_step(self, trainer: pl.Trainer, optimizer: Any) -> None:
         raw = getattr(optimizer, "_optimizer", optimizer)
-        index = next((i for i, opt in enumerate(self._optimizers) if opt is raw), None)
+        index = self._optimizer_index.get(id(raw))
         if index is None:
             return
         clear = self.clear_sentinel
@@ -414,21 +477,28 @@ class GradientAudit(AuditCallback):
                 if p.grad is not None and p.requires_grad
             ]
             norms = self._norm_cache.norms(grads) if grads else None
-            finite.check(grads, trainer.global_step, self._batch_idx, norms=norms)
+            step = self._step if self._automatic else trainer.global_step
+            finite.check(grads, step, self._batch_idx, norms=norms)
             self._poll_finite()
 
-    def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
         # The gradient norms are shared only within this hook call: the gradients do not change
         # between the checks' hooks, and no reference to them outlives it.
-        with self._own():
-            self._norm_cache.clear()
-            try:
-                self._call("on_before_optimizer_step", *args, **kwargs)
-                if self.finite_sentinel is not None or self.clear_sentinel is not None:
-                    trainer, _, optimizer = _step_args(args, kwargs)
-                    self._sentinels_at_step(trainer, optimizer)
-            finally:
+        start = time.perf_counter()
+        try:
+            if not self._automatic:
+                self._wake_due(trainer.global_step)  # several steps in one batch
+            if self._router.batch["on_before_optimizer_step"]:
                 self._norm_cache.clear()
+                self._call("on_before_optimizer_step", trainer, pl_module, optimizer)
+            if self.finite_sentinel is not None or self.clear_sentinel is not None:
+                self._sentinels_at_step(trainer, optimizer)
+        finally:
+            if self._norm_cache._key is not None:  # it holds norms of this step
+                self._norm_cache.clear()
+            self._own_seconds += time.perf_counter() - start
 
     def on_train_batch_end(
         self,
@@ -438,34 +508,65 @@ class GradientAudit(AuditCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        with self._own():
-            self._call("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+        start = time.perf_counter()
+        try:
+            if self._router.batch["on_train_batch_end"]:
+                self._call("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
             # What the base class's hook does for a check inside a bundle, for the checks that
             # have no hook of their own.
-            for check in self._flushed_only:
+            for check in self._router.flushed_only:
                 if check._pending_scalars:
                     check._flush_scalars(trainer)
-            AuditCallback.on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx)
-        if self.budget is not None and self._batch_started is not None:
-            started, audit_before, scheduled_before, watching_before = self._batch_started
-            spent = self.audit_seconds - audit_before
-            scheduled = sum(check.total_seconds for check in self._scheduled) - scheduled_before
-            if self.watch_windows is not None and self.watch_windows.capped:
-                # Windows kept closer than their share allows (the latency bound) are a fixed
-                # cost: the budget takes it out first, so the periodic checks space out more.
-                scheduled -= sum(c.total_seconds for c in self._watchers) - watching_before
-            self.budget.record_step(
-                time.perf_counter() - started - spent, spent, scheduled, one_time=self._one_time
+            _BASE_HOOK_BODIES["on_train_batch_end"](
+                self, trainer, pl_module, outputs, batch, batch_idx
             )
-            self._batch_started = None
-            if self.wants_scalars():
-                scalars = {"overhead": self.budget.overhead}
-                steady = self.budget.steady_overhead
-                if steady is not None:
-                    scalars["steady_overhead"] = steady
-                if self.watch_windows is not None:
-                    scalars["watched_share"] = self.watch_windows.watched_share
-                self.queue_scalars(scalars)
+        finally:
+            self._own_seconds += time.perf_counter() - start
+        if self.budget is not None and self._batch_started is not None:
+            self._record_batch()
+        if self._router.awake_indices:
+            # The checks with nothing to do before a later step sleep until then (a cost
+            # counted in the next batch). The step at the start of this batch will do: a check
+            # busy at it but not at the next one sleeps after the next batch.
+            start = time.perf_counter()
+            self._router.settle(self._step)
+            self._own_seconds += time.perf_counter() - start
+
+    def _record_batch(self) -> None:
+        """Tell the budget what this batch cost: the audit's time in it, and how much of that
+        the budget schedules."""
+        assert self.budget is not None and self._batch_started is not None
+        outside = scheduled = watching = 0.0
+        for i, (total_before, outside_before) in self._before.items():
+            check = self.checks[i]
+            out = check.outside_seconds
+            spent_here = check.seconds_spent + out - total_before
+            if i in self._hooking_ids:
+                outside += out - outside_before
+            if i in self._scheduled_ids:
+                scheduled += spent_here
+            if i in self._watcher_ids:
+                watching += spent_here
+        spent = self._own_seconds - self._own_before + outside
+        if self.watch_windows is not None and self.watch_windows.capped:
+            # Windows kept closer than their share allows (the latency bound) are a fixed
+            # cost: the budget takes it out first, so the periodic checks space out more.
+            scheduled -= watching
+        self.budget.record_step(
+            time.perf_counter() - self._batch_started - spent,
+            spent,
+            scheduled,
+            one_time=self._one_time,
+        )
+        self._batch_started = None
+        if self.wants_scalars():
+            scalars = {"overhead": self.budget.overhead}
+            steady = self.budget.steady_overhead
+            if steady is not None:
+                scalars["steady_overhead"] = steady
+            if self.watch_windows is not None:
+                scalars["watched_share"] = self.watch_windows.watched_share
+            self.queue_scalars(scalars)
 
     def scalar_charts(self) -> dict[str, list[str]]:
         """The measured overhead, when there is a budget (the checks bring their own charts)."""
@@ -518,32 +619,23 @@ class GradientAudit(AuditCallback):
         """The checks gather their own findings; the bundle has none of its own."""
 
 
-def _step_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """``(trainer, pl_module, optimizer)`` of an ``on_before_optimizer_step`` call."""
-    names = ("trainer", "pl_module", "optimizer")
-    values = list(args) + [kwargs[n] for n in names[len(args) :]]
-    return values[0], values[1], values[2]
-
-
-def _implements(check: AuditCallback, name: str) -> bool:
-    """Whether the check's hook ``name`` does anything (Lightning's default does nothing)."""
-    return getattr(type(check), name) is not getattr(pl.Callback, name)
-
-
-def _body(check: AuditCallback, name: str) -> Callable[..., None]:
-    """The check's hook ``name`` without its :func:`audit_hook` wrapper."""
-    hook = getattr(type(check), name)
-    return getattr(hook, "__wrapped__", hook)
+def _noop(*args: Any, **kwargs: Any) -> None:
+    """A hook that does nothing (see ``GradientAudit._route``)."""
 
 
 def _forward(name: str) -> Callable[..., None]:
     def hook(self: GradientAudit, *args: Any, **kwargs: Any) -> None:
-        if not self._targets[name] and name not in _BASE_HOOKS:
+        router = self._router
+        route = router.batch.get(name)
+        if not (router.targets[name] if route is None else route) and name not in _BASE_HOOKS:
             return
-        with self._own():
+        start = time.perf_counter()
+        try:
             self._call(name, *args, **kwargs)
             if name in _BASE_HOOKS:
                 getattr(AuditCallback, name)(self, *args, **kwargs)
+        finally:
+            self._own_seconds += time.perf_counter() - start
 
     hook.__name__ = name
     hook.__doc__ = f"Runs ``{name}`` of every check."

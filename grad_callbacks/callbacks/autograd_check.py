@@ -263,6 +263,10 @@ class AutogradCheck(AuditCallback):
     def run_now(self) -> None:
         """Check again at the next training batch."""
         self._requested = True
+        self.wake()
+
+    def next_busy_step(self, step: int) -> int | None:
+        return step if self._requested or self._armed or self._pending_scalars else None
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

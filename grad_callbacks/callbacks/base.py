@@ -84,6 +84,34 @@ CALLBACK_HOOKS: tuple[str, ...] = tuple(
 _AGREE_HOOKS = frozenset(
     {"on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end", "on_train_end"}
 )
+#: The hooks Lightning calls at every training batch. GradientAudit does not call those of a
+#: check before the step :meth:`AuditCallback.next_busy_step` names.
+BATCH_HOOKS = frozenset(
+    {
+        "on_train_batch_start",
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_before_zero_grad",
+        "on_train_batch_end",
+    }
+)
+# How many times some check's findings changed (in this process): the leader looks for a new
+# findings table only when it moved, not by asking every check at every batch.
+_findings_changes = [0]
+_COMPILING_FLAG = hasattr(torch.compiler, "_is_compiling_flag")
+
+
+class _StateKey:
+    """``AuditCallback.state_key``: computed from the settings, unless frozen for a fit (then
+    the instance's own attribute of that name answers, without calling anything)."""
+
+    def __get__(self, obj: AuditCallback | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        if obj._state_key is not None:
+            return obj._state_key
+        return obj._compute_state_key()
 
 
 class AuditCallback(pl.Callback):
@@ -140,6 +168,7 @@ class AuditCallback(pl.Callback):
         self.steps_checked = 0
         self._pending_scalars: dict[int, dict[str, float]] = {}
         self._text_dirty = False
+        self._text_changes_seen = -1  # _findings_changes when the leader last looked
         self._text_written: frozenset[Any] | None = None  # the findings the table last showed
         self._report_written = False
         self._trainer: pl.Trainer | None = None
@@ -151,6 +180,7 @@ class AuditCallback(pl.Callback):
         self._state_key: str | None = None  # frozen from setup to teardown
         self._inactive = False  # set at setup under a strategy this check cannot audit
         self._held: Finding | Exception | None = None  # an error waiting for the other ranks
+        self._distributed_fit = False  # set at setup: several processes
         self._in_hook = False
         #: Per-tensor gradient L2 norms; GradientAudit shares one pass among its checks.
         self.norm_fn: NormFn = grad_norms
@@ -204,6 +234,26 @@ class AuditCallback(pl.Callback):
     #: :meth:`start_watching` between them and none of its per-batch hooks in the gaps.
     watches_steps: ClassVar[bool] = False
 
+    def next_busy_step(self, step: int) -> int | None:
+        """The first optimizer step, from ``step`` (the current ``global_step``) on, at which any
+        of the check's per-batch hooks (:data:`BATCH_HOOKS`) may do something; None: none until
+        the check calls :meth:`wake`.
+
+        ``GradientAudit`` does not call a check's per-batch hooks before that step (it asks
+        again after each batch in which it called them): a check whose next work is 50 steps
+        away costs nothing per batch until then. The answer must hold for the check's own state
+        as it is now, which only its hooks (and the audit's calls into it) change. Default:
+        ``step`` (busy at every batch), right for any check.
+        """
+        return step
+
+    def wake(self) -> None:
+        """Have ``GradientAudit`` call this check's per-batch hooks again from the next one on
+        (its state changed outside its hooks: see :meth:`next_busy_step`)."""
+        owner = self._owner
+        if owner is not None:
+            owner._wake(self)  # type: ignore[attr-defined]
+
     def start_watching(self) -> None:
         """Watch again after a gap, knowing nothing of the batches in it."""
         self.watching = True
@@ -212,11 +262,9 @@ class AuditCallback(pl.Callback):
         """Stop watching: drop per-batch hooks, read what was gathered."""
         self.watching = False
 
-    @property
-    def state_key(self) -> str:
-        if self._state_key is not None:
-            return self._state_key
-        return self._compute_state_key()
+    # Lightning reads state_key at every hook call of every callback: from setup to teardown
+    # it is a plain instance attribute (no call at all), else computed (see _StateKey).
+    state_key = _StateKey()  # type: ignore[assignment]
 
     def _compute_state_key(self) -> str:
         settings = {k: v for k, v in self.settings().items() if k != "on_finding"}
@@ -280,7 +328,7 @@ class AuditCallback(pl.Callback):
         new = self._log.add(finding)
         if not new:
             return
-        self._text_dirty = True
+        self._mark_text_dirty()
         if self.on_finding == "raise" and finding.severity == "error":
             if not is_distributed(self._trainer):
                 raise GradientAuditError(finding)
@@ -413,10 +461,13 @@ class AuditCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self._state_key = self._compute_state_key()
+        self.__dict__["state_key"] = self._state_key
         if stage == "fit":
             self._report_written = False
             self._text_written = None
+            self._text_changes_seen = -1
             self._held = None
+            self._distributed_fit = is_distributed(trainer)
             self._is_leader = self._owner is None and _first_audit_callback(trainer) is self
             sharded = sharded_strategy(trainer)
             self._inactive = sharded is not None and self.needs_whole_gradients
@@ -446,8 +497,10 @@ class AuditCallback(pl.Callback):
     ) -> None:
         if self._pending_scalars:
             self._flush_scalars(trainer)
-        if self._is_leader and any(c._text_dirty for c in audit_callbacks(trainer)):
-            self._write_findings_text(trainer)
+        if self._is_leader and self._text_changes_seen != _findings_changes[0]:
+            self._text_changes_seen = _findings_changes[0]
+            if any(c._text_dirty for c in audit_callbacks(trainer)):
+                self._write_findings_text(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._gather(trainer)
@@ -466,6 +519,7 @@ class AuditCallback(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.release()
         self._state_key = None
+        self.__dict__.pop("state_key", None)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_leader:
@@ -494,7 +548,7 @@ class AuditCallback(pl.Callback):
         findings first, so rank 0's report names the finding and its rank.
         """
         trainer = self._trainer
-        if self._owner is not None:
+        if self._owner is not None or not self._distributed_fit:
             return
         checks = self._agreeing_checks()
         if not any(c.on_finding == "raise" for c in checks) or not is_distributed(trainer):
@@ -535,8 +589,12 @@ class AuditCallback(pl.Callback):
             for f in self.findings:
                 if self._may_announce(f):
                     self._announced.add(f.key)
-                    self._text_dirty = True
+                    self._mark_text_dirty()
                     warn_finding(f)
+
+    def _mark_text_dirty(self) -> None:
+        self._text_dirty = True
+        _findings_changes[0] += 1
 
     def _write_findings_text(self, trainer: pl.Trainer) -> None:
         """Write the findings table when the findings differ from those it last showed (once
@@ -720,6 +778,8 @@ def audit_hook(name: str, body: Callable[..., None]) -> Callable[..., None]:
     through ``torch.compiler.disable``; elsewhere that costs one ``is_compiling()`` test.
     """
 
+    agree = name in _AGREE_HOOKS
+
     def run(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
         if self._in_hook:
             body(self, *args, **kwargs)
@@ -733,17 +793,37 @@ def audit_hook(name: str, body: Callable[..., None]) -> Callable[..., None]:
                 work(self, *args, **kwargs)
             finally:
                 self._in_hook = False
-        if name in _AGREE_HOOKS:
+        if agree and self._distributed_fit:
             self._agree_to_raise()
 
     eager = torch.compiler.disable(run)
 
+    # ``run`` inlined: Lightning calls a bundle's hooks several times per batch.
     @functools.wraps(body)
     def hook(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
-        if torch.compiler.is_compiling():
+        # What torch.compiler.is_compiling() answers outside TorchScript, read without its two
+        # calls where torch has the flag (dynamo holds it for the whole of a compilation).
+        if (
+            torch.compiler._is_compiling_flag  # type: ignore[attr-defined]
+            if _COMPILING_FLAG
+            else torch.compiler.is_compiling()
+        ):
             eager(self, *args, **kwargs)
-        else:
-            run(self, *args, **kwargs)
+            return
+        if self._in_hook:
+            body(self, *args, **kwargs)
+            return
+        work: Callable[..., None] | None = body
+        if self._inactive:
+            work = _BASE_HOOK_BODIES.get(name)
+        if work is not None:
+            self._in_hook = True
+            try:
+                work(self, *args, **kwargs)
+            finally:
+                self._in_hook = False
+        if agree and self._distributed_fit:
+            self._agree_to_raise()
 
     hook.__audit_hook__ = True  # type: ignore[attr-defined]
     return hook

@@ -320,6 +320,15 @@ class BatchMixingCheck(AuditCallback):
         # Hooks inside a compiled training_step would make dynamo recompile it.
         return not explicit and not training_step_compiled(pl_module)
 
+    def next_busy_step(self, step: int) -> int | None:
+        if not self._ran_this_fit or self._recorder is not None or self._pending_scalars:
+            return step
+        n = self.every_n_steps
+        if n <= 0:
+            return None  # ran at the first batch of this fit; nothing more until the next fit
+        due = -(-step // n) * n  # the first multiple of n from step on, not the step it ran at
+        return due + n if due == self._last_step else due
+
     def _due(self, step: int) -> bool:
         if self._record.lost or (not self.recompute and self._ran_this_fit):
             return False

@@ -116,6 +116,17 @@ class GradientMonitor(AuditCallback):
         self._pending = []
         self._previous = [trainer.global_step - 1] * len(self._optimizers)
 
+    def next_busy_step(self, step: int) -> int | None:
+        if self._pending or self._pending_scalars or not self._previous:
+            return step
+        if self._trainer is not None and not self._trainer.is_global_zero:
+            return None  # it monitors on rank 0 only
+        # An optimizer is monitored at its first step at or after a multiple of every_n_steps
+        # that lies after its previous step: none before the next multiple after the earliest
+        # previous step (the steps in between fall where each optimizer's previous step does).
+        n = self.every_n_steps
+        return max(step, (min(self._previous) // n + 1) * n)
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:

@@ -266,6 +266,10 @@ class RankSyncCheck(AuditCallback):
         for index, optimizer in enumerate(self._optimizers):
             self._handles.append(optimizer.register_step_post_hook(self._post_hook(index)))
 
+    def next_busy_step(self, step: int) -> int | None:
+        # Under DDP every rank calls it at every batch (its collectives need the same batches).
+        return step if self._active or self._pending_scalars else None
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

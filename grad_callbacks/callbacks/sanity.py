@@ -171,6 +171,11 @@ class GradientSanityCheck(AuditCallback):
         with self.timed(), self.guarded("reading the gradient statistics"):
             self._flush()
 
+    def next_busy_step(self, step: int) -> int | None:
+        # Outside windows only reads still on their way to the host need its hooks.
+        busy = self.watching or self._reads or self._pending_scalars
+        return step if busy else None
+
     def start_watching(self) -> None:
         super().start_watching()
         with self.timed():

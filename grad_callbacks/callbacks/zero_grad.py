@@ -81,6 +81,10 @@ class ZeroGradCheck(AuditCallback):
         if self.watching:
             self._ledger.attach()
 
+    def next_busy_step(self, step: int) -> int | None:
+        # Its per-batch hooks work only while it watches (GradientAudit wakes it to watch).
+        return step if self.watching or self._pending_scalars else None
+
     def start_watching(self) -> None:
         super().start_watching()
         if self._ledger is not None:

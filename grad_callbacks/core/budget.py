@@ -183,6 +183,19 @@ class WatchWindows:
         #: Batches seen (the next batch's number, from 0 over the whole run) and watched so far.
         self.batches = 0
         self.watched = 0
+        #: The owner's gradient accumulation when it last set the lengths (0: not yet).
+        self.accumulate = 0
+
+    def needs_spent(self) -> bool:
+        """Whether the next :meth:`watch` reads its ``spent`` (a window opens or closes there);
+        elsewhere any value does, and the owner need not add up its checks' time."""
+        batch = self.batches
+        if self._opened_at is not None:
+            length = self.length
+            if self._opened_at == 0:
+                length = max(length, self.first_length)
+            return batch >= self._opened_at + length
+        return self._wanted or batch >= self._next_open
 
     def watch(self, spent: float, may_open: bool = True) -> bool:
         """Whether to watch the next batch; call once per batch, in order.

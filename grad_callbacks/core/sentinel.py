@@ -78,7 +78,7 @@ class FiniteSentinel:
     def add_loss(self, loss: Tensor, step: int, batch_idx: int) -> None:
         """Keep ``loss`` (a scalar about to be backpropagated) for the next look; no device work."""
         if self.found is None and isinstance(loss, Tensor) and loss.numel() == 1:
-            self._losses.append(loss.detach().reshape(()))
+            self._losses.append(loss.detach())  # shaped () at the look
             self._where.append((step, batch_idx))
 
     def due(self) -> bool:
@@ -104,7 +104,7 @@ class FiniteSentinel:
         device: torch.device | None = None
         if self._losses:
             device = self._losses[0].device
-            losses = [t.to(device, torch.float32) for t in self._losses]
+            losses = [t.reshape(()).to(device, torch.float32) for t in self._losses]
             flags.append(torch.isfinite(torch.stack(losses)))
         if grads:
             device = device or grads[0].device

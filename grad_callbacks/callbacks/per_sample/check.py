@@ -216,6 +216,15 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
             interval = int(agreed.item())
         self._next_due = step + interval
 
+    def next_busy_step(self, step: int) -> int | None:
+        if self._unplanned is not None or self._manual is not None or self._pending_scalars:
+            return step
+        if (not self.recompute or self._record.lost) and any(
+            f.code == "check-skipped" for f in self._log.findings
+        ):
+            return None  # said once that it cannot run; it stays so until woken
+        return max(step, self._next_due)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
