@@ -324,8 +324,8 @@ class BatchMixingCheck(AuditCallback):
         if not self._ran_this_fit or self._recorder is not None or self._pending_scalars:
             return step
         n = self.every_n_steps
-        if n <= 0:
-            return None  # ran at the first batch of this fit; nothing more until the next fit
+        if n <= 0 or self._record.lost or not self.recompute:
+            return None  # ran at the first batch of this fit (or may not call the model again)
         due = -(-step // n) * n  # the first multiple of n from step on, not the step it ran at
         return due + n if due == self._last_step else due
 
