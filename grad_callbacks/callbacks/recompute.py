@@ -95,7 +95,7 @@ from grad_callbacks.callbacks.file_guard import files_guarded
 from grad_callbacks.callbacks.stand_ins import ManualSteps, stood_in
 from grad_callbacks.core.per_sample import run_eagerly
 from grad_callbacks.core.python_state import PythonState
-from grad_callbacks.core.state import restored_state
+from grad_callbacks.core.state import BufferValues, restored_state
 
 # ManualSteps, stood_in and _recording_backward are used from here by the per-sample check.
 __all__ = [
@@ -130,18 +130,45 @@ def training_step_compiled(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class RngState:
-    """The CPU generator's state and, where CUDA is initialised, every CUDA device's."""
+    """Every random stream a training step may draw from: torch's CPU generator and, where CUDA
+    is initialised, every CUDA device's; Python's ``random`` and NumPy's global generator."""
 
     cpu: torch.Tensor
     cuda: tuple[torch.Tensor, ...] = ()
+    python: Any = None  # random.getstate()
+    numpy: Any = None  # numpy.random.get_state(), None without NumPy
+
+    def apply(self) -> None:
+        """Set every stream to this state."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(list(self.cuda))
+        if self.python is not None:
+            random.setstate(self.python)
+        if self.numpy is not None:
+            _numpy_random().set_state(self.numpy)
+
+
+def _numpy_random() -> Any:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        return None
+    return np.random
 
 
 def capture_rng() -> RngState:
-    """The current torch generator states (host copies; no device synchronisation)."""
+    """The current states of every stream (host copies; no device synchronisation)."""
     cuda: tuple[torch.Tensor, ...] = ()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = tuple(torch.cuda.get_rng_state_all())
-    return RngState(cpu=torch.get_rng_state(), cuda=cuda)
+    np_random = _numpy_random()
+    return RngState(
+        cpu=torch.get_rng_state(),
+        cuda=cuda,
+        python=random.getstate(),
+        numpy=np_random.get_state() if np_random is not None else None,
+    )
 
 
 
@@ -182,19 +209,15 @@ def _restored_metrics(module: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def _forked_host_rng() -> Iterator[None]:
+    np_random = _numpy_random()
     py_state = random.getstate()
-    try:
-        import numpy as np
-
-        np_state: Any = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
-        np, np_state = None, None
+    np_state = np_random.get_state() if np_random is not None else None
     try:
         yield
     finally:
         random.setstate(py_state)
-        if np is not None:
-            np.random.set_state(np_state)
+        if np_random is not None:
+            np_random.set_state(np_state)
 
 
 @dataclass
@@ -298,6 +321,7 @@ def isolated(
     trainer: Any | None = None,
     *,
     state: PythonState | None = None,
+    buffers: BufferValues | None = None,
     record: Recomputations | None = None,
     manual: ManualSteps | None = None,
 ) -> Iterator[None]:
@@ -305,14 +329,18 @@ def isolated(
 
     Args:
         module: the LightningModule (or any module) whose state must not change.
-        rng_state: when given, the torch generators are set to it inside the block (they are
-            restored to their state before the block either way).
+        rng_state: when given, every random stream (torch's, Python's ``random``, NumPy's) is
+            set to it inside the block (they are restored to their state before the block
+            either way).
         trainer: whose optimizers and schedulers the block must not step or clear (needed to run
             a manual-optimization ``training_step`` again); by default the trainer the module is
             attached to, if any.
         state: the module's Python state to start the block from (captured with
             :func:`capture_state` before the real step); the state at entry is put back either
             way.
+        buffers: the buffer values to start the block from (taken before the real step: a
+            forward that updates buffers its output depends on, as ``spectral_norm`` does, ran
+            since); the values at entry are put back either way.
         record: counts the block, and receives the changes that could not be undone.
         manual: records the losses handed to ``manual_backward`` (or a raw
             ``loss.backward()``) and the optimizers' steps, instead of dropping them.
@@ -335,7 +363,7 @@ def isolated(
         stack.enter_context(_forked_host_rng())
         stack.enter_context(torch.random.fork_rng(devices=devices, enabled=True))
         if rng_state is not None:
-            torch.set_rng_state(rng_state.cpu)
-            if rng_state.cuda:
-                torch.cuda.set_rng_state_all(list(rng_state.cuda))
+            rng_state.apply()
+        if buffers is not None:
+            buffers.apply()
         yield

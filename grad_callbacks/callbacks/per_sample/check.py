@@ -62,6 +62,7 @@ from grad_callbacks.callbacks.recompute import Recomputations, capture_rng, capt
 from grad_callbacks.core.diagnosis import MISMATCH_TOL, RunNormScale, relative_error
 from grad_callbacks.core.per_sample import PerSampleStats
 from grad_callbacks.core.per_sample.weights import Reduction, Weighting
+from grad_callbacks.core.state import BufferValues
 
 
 class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
@@ -241,9 +242,10 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
             return
         if self._window_step != step:
             self._window, self._window_step = [], step
-        # The generators' and the module's state before training_step: the replay draws the
-        # same dropout masks and sees the same carried state.
-        micro = _MicroBatch(batch, batch_idx, capture_rng(), capture_state(pl_module))
+        # The random streams', the module's and its buffers' state before training_step: the
+        # replay draws the same dropout masks and sees the same carried state.
+        start = capture_state(pl_module)
+        micro = _MicroBatch(batch, batch_idx, capture_rng(), start, BufferValues.capture(pl_module))
         if not pl_module.automatic_optimization:
             # checked at the end of the batch, every optimizer step of it
             self._window, self._window_step = [], None

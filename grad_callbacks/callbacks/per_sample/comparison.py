@@ -4,6 +4,7 @@ batch-reduced loss and the per-sample one), each run isolated from the live trai
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from grad_callbacks.callbacks.recompute import Recomputations, RngState, isolated
+from grad_callbacks.callbacks.recompute import Recomputations, RngState, _numpy_random, isolated
 from grad_callbacks.core.diagnosis import relative_error
 from grad_callbacks.core.per_sample import (
     PerSampleStats,
@@ -26,6 +27,7 @@ from grad_callbacks.core.per_sample import (
 )
 from grad_callbacks.core.per_sample.weights import Gram, gram_of
 from grad_callbacks.core.python_state import PythonState
+from grad_callbacks.core.state import BufferValues
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,15 @@ class _MicroBatch:
     rng: RngState
     #: The module's Python state before the real step (a replay starts from it).
     state: PythonState | None = None
+    #: The module's buffers before the real step.
+    buffers: BufferValues | None = None
+
+    def isolated(self, pl_module: nn.Module, record: Recomputations | None = None) -> Any:
+        """A recomputation of this micro-batch's step, started from the real step's state
+        (random streams, Python state, buffers)."""
+        return isolated(
+            pl_module, rng_state=self.rng, state=self.state, buffers=self.buffers, record=record
+        )
 
 
 @dataclass
@@ -66,9 +77,7 @@ class _Comparison:
 
     def isolated(self) -> Any:
         """The recomputation's isolation, started from the real step's state."""
-        return isolated(
-            self.pl_module, rng_state=self.micro.rng, state=self.micro.state, record=self.record
-        )
+        return self.micro.isolated(self.pl_module, self.record)
 
     def fit(self, eval_bn: bool = False) -> Measured:
         """Per-sample statistics, the fit of the batch gradient on their mean, and the Gram
@@ -99,21 +108,45 @@ class _Comparison:
         with self.isolated(), _stochastic_layers_off(self.pl_module):
             return loss_grad(self.pl_module, self.batch_fn, batch, params=self.params)
 
-    def loss_is_random(self, tol: float) -> bool:
-        """Whether the batch gradient changes with the random stream, dropout layers off.
+    def random_streams(self, tol: float) -> list[str]:
+        """The random streams the batch loss draws from, dropout layers off: ``"torch"`` (when
+        the gradient changes with its seed), ``"numpy"`` (NumPy's global generator) and
+        ``"random"`` (Python's), when the loss consumes them at all (a coin flip for the whole
+        batch may come out alike under another seed).
 
         Noise drawn in ``training_step`` itself (``torch.randn_like`` augmentation, random
-        masking) cannot be drawn alike in the batch and per-sample passes, so their difference
-        says nothing about coupling.
+        masking, a flip decided by ``random.random()``, ``np.random.normal`` noise) cannot be
+        drawn alike in the batch and per-sample passes, so their difference says nothing about
+        coupling.
         """
-        grads = []
         module = self.pl_module
-        for seed in (None, 1234567):
+        np_random = _numpy_random()
+        consumed: list[str] = []
+
+        def grads(torch_seed: int | None) -> dict[str, Tensor]:
             with self.isolated(), _stochastic_layers_off(module):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                grads.append(loss_grad(module, self.batch_fn, self.batch, params=self.params))
-        return float(relative_error(grads[1], grads[0])) > tol
+                if torch_seed is not None:
+                    torch.manual_seed(torch_seed)
+                python_before = random.getstate()
+                numpy_before = _numpy_position(np_random)
+                out = loss_grad(module, self.batch_fn, self.batch, params=self.params)
+                if random.getstate() != python_before:
+                    consumed.append("random")
+                if _numpy_position(np_random) != numpy_before:
+                    consumed.append("numpy")
+                return out
+
+        reference = grads(None)
+        streams = ["torch"] if float(relative_error(grads(1234567), reference)) > tol else []
+        return streams + [s for s in ("numpy", "random") if s in consumed]
+
+
+def _numpy_position(np_random: Any) -> tuple[Any, ...] | None:
+    """Where NumPy's global generator stands: its key (hashed), position and cached Gaussian."""
+    if np_random is None:
+        return None
+    _, key, pos, has_gauss, gauss = np_random.get_state()
+    return (hash(key.tobytes()), pos, has_gauss, gauss)
 
 
 @contextmanager

@@ -35,7 +35,6 @@ from grad_callbacks.callbacks.per_sample.verdicts import (
     reduction_findings,
     sample_findings,
 )
-from grad_callbacks.callbacks.recompute import isolated
 from grad_callbacks.core.batch import batch_size, slice_batch
 from grad_callbacks.core.diagnosis import coupling_tolerance, judge_samples, relative_error
 from grad_callbacks.core.per_sample import PerSampleGradError, gradient_noise_scale
@@ -47,6 +46,8 @@ from grad_callbacks.core.per_sample.weights import (
     scaled_leaf,
 )
 
+#: How a check-skipped names the random streams the loss draws from.
+_STREAM_NAMES = {"torch": "torch", "numpy": "NumPy's np.random", "random": "Python's random"}
 
 class _PerSampleJudging:
     """The per-sample comparison and its verdicts, for :class:`PerSampleGradientCheck`."""
@@ -67,8 +68,7 @@ class _PerSampleJudging:
         b = batch_size(micro.batch)
         if b is None and losses is not None:
             with (
-                isolated(pl_module, rng_state=micro.rng, state=micro.state,
-                         record=self._record),
+                micro.isolated(pl_module, self._record),
                 torch.no_grad(),
             ):
                 b = len(losses(pl_module, micro.batch))
@@ -112,7 +112,7 @@ class _PerSampleJudging:
         if manual_fn is not None and losses is None:
             # the step's own random draws (a GAN's latent vectors), cut like the batch
             with (
-                isolated(pl_module, rng_state=micro.rng, state=micro.state, record=self._record),
+                micro.isolated(pl_module, self._record),
                 _stochastic_layers_off(pl_module),
             ):
                 draws = RandomDraws.record(batch_fn, pl_module, packed)
@@ -185,11 +185,13 @@ class _PerSampleJudging:
         if reduction.weighted:
             scalars["weighted_residual"] = reduction.residual
         self.queue_scalars(scalars)
-        if reduction.verdict == "coupled" and comparison.loss_is_random(tol):
+        streams = comparison.random_streams(tol) if reduction.verdict == "coupled" else []
+        if streams:
+            names = ", ".join(_STREAM_NAMES[s] for s in streams)
             self.skip(
-                "the training loss draws random numbers outside dropout layers (noise "
-                "augmentation, random masking in training_step), which the batch and the "
-                "per-sample passes cannot share, so their comparison says nothing; give the "
+                f"the training loss draws random numbers outside dropout layers ({names}: noise "
+                "augmentation, random masking or flips in training_step), which the batch and "
+                "the per-sample passes cannot share, so their comparison says nothing; give the "
                 "module a per_sample_loss(batch) that draws none, or guard the noise with "
                 "`if self.training:`"
             )

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from grad_callbacks.callbacks.backward_guard import _recording_backward
 from grad_callbacks.callbacks.per_sample.losses import _loss_of
-from grad_callbacks.callbacks.recompute import isolated
 from grad_callbacks.callbacks.stand_ins import ManualSteps, stood_in
 
 
@@ -74,7 +73,7 @@ def manual_step_grads(
         {i: v.detach().requires_grad_(True) for i, v in segment.items()} for segment in segments
     ]
     with (
-        isolated(pl_module, rng_state=micro.rng, state=micro.state, record=record),
+        micro.isolated(pl_module, record),
         _swappable(pl_module) as swap,
         torch.enable_grad(),
         trainer.precision_plugin.forward_context(),

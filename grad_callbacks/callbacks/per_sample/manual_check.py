@@ -29,7 +29,6 @@ from grad_callbacks.callbacks.per_sample.comparison import _MicroBatch
 from grad_callbacks.callbacks.per_sample.losses import manual_record, manual_step_losses
 from grad_callbacks.callbacks.per_sample.manual import manual_step_grads
 from grad_callbacks.callbacks.per_sample.replay import params_of
-from grad_callbacks.callbacks.recompute import isolated
 from grad_callbacks.callbacks.stand_ins import ManualSteps
 
 #: Batches that stepped nothing kept at most, for the accumulation windows of manual steps.
@@ -157,7 +156,7 @@ class _ManualChecks:
         its step) per sample, its window's weighting, and against the gradient the optimizer
         stepped on."""
         micro, stepped = record.micro, record.stepped
-        with isolated(pl_module, rng_state=micro.rng, state=micro.state, record=self._record):
+        with micro.isolated(pl_module, self._record):
             replay = manual_record(trainer, pl_module, micro.batch, micro.batch_idx)
         steps, cleared = replay.steps(), replay.cleared()
         manual = ManualSteps(trainer.optimizers)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from grad_callbacks.callbacks.per_sample.comparison import _MicroBatch
 from grad_callbacks.callbacks.per_sample.losses import training_loss
-from grad_callbacks.callbacks.recompute import Recomputations, isolated
+from grad_callbacks.callbacks.recompute import Recomputations
 from grad_callbacks.core.per_sample import loss_grad
 
 
@@ -53,7 +53,7 @@ def replay_window(
             return fn(m, b) * scale / accumulate
 
         with (
-            isolated(pl_module, rng_state=micro.rng, state=micro.state, record=record),
+            micro.isolated(pl_module, record),
             trainer.precision_plugin.forward_context(),
         ):
             grads = loss_grad(pl_module, scaled, micro.batch, params=params)
