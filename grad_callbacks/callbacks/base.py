@@ -728,14 +728,17 @@ def run_log_dir(trainer: pl.Trainer) -> str | None:
     else ``default_root_dir``), without its collective; None when the trainer has no logger.
 
     Without a logger Lightning logs nothing, and ``default_root_dir`` holds the checkpoints (or
-    is the working directory): the report is not put there unasked. ``Trainer.log_dir``
-    broadcasts from rank 0, so calling it on rank 0 alone would hang DDP.
+    is the working directory): the report is not put there unasked. ``fast_dev_run`` swaps the
+    loggers for Lightning's ``DummyLogger``, which writes nothing: no logger either.
+    ``Trainer.log_dir`` broadcasts from rank 0, so calling it on rank 0 alone would hang DDP.
     """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers.logger import DummyLogger
 
-    if not trainer.loggers:
+    loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
+    if not loggers:
         return None
-    logger = trainer.loggers[0]
+    logger = loggers[0]
     if isinstance(logger, (TensorBoardLogger, CSVLogger)):
         return str(logger.log_dir)
     return str(logger.save_dir or trainer.default_root_dir)

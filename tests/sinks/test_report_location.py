@@ -82,6 +82,30 @@ def test_without_a_logger_no_report_lands_among_checkpoints_or_in_the_working_di
     assert _files(cwd) == []
 
 
+def test_fast_dev_run_writes_no_report_unasked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fast_dev_run`` swaps the loggers for Lightning's ``DummyLogger`` and writes nothing;
+    the report went to ``default_root_dir`` (the working directory when unset)."""
+    root, cwd = tmp_path / "root", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for default_root_dir in (root, None):
+        audit = GradientAudit(on_finding="log")
+        trainer = zoo.fit(
+            zoo.NoZeroGradAutomatic(), [audit], default_root_dir=default_root_dir,
+            logger=True, enable_checkpointing=True, fast_dev_run=2,
+        )
+        assert trainer.state.finished and trainer.global_step == 2
+        assert _files(tmp_path) == []
+        assert audit.report_path is None
+        assert "missing-zero-grad" in {f.code for f in audit.findings}
+    # asked for, it is written
+    audit = GradientAudit(on_finding="log", report_dir=str(root))
+    zoo.fit(zoo.MLP(), [audit], logger=True, fast_dev_run=True)
+    assert _files(tmp_path) == [f"root/{REPORT_NAME}"]
+
+
 def test_report_dir_is_where_the_report_goes_with_or_without_a_logger(
     tmp_path: Path, memory_root: str
 ) -> None:
