@@ -38,12 +38,17 @@ from grad_callbacks.callbacks.rank_sync import RankSyncCheck
 from grad_callbacks.callbacks.routing import Router
 from grad_callbacks.callbacks.sanity import GradientSanityCheck
 from grad_callbacks.callbacks.zero_grad import ZeroGradCheck
+from grad_callbacks.core import clock
 from grad_callbacks.core.budget import OverheadBudget, WatchWindows
 from grad_callbacks.core.norms import NormCache
 from grad_callbacks.core.sentinel import ClearSentinel, FiniteSentinel
 from grad_callbacks.findings import Finding
 from grad_callbacks.sinks.loggers import LoggerSelection
 from grad_callbacks.sinks.loggers import describe as describe_loggers
+
+# Seconds of garbage collection so far (see grad_callbacks.core.clock): the audit's own timers
+# leave the collector's pauses out; the training time keeps them.
+_GC = clock.GC_SECONDS
 
 #: The checks ``GradientAudit()`` runs by default, in order.
 DEFAULT_CHECKS: tuple[type[AuditCallback], ...] = (
@@ -150,6 +155,7 @@ class GradientAudit(AuditCallback):
     needs_whole_gradients = False  # its checks decide for themselves
     live_attributes = (
         "_router",
+        "_gc_clock",
         "_batch_started",
         "finite_sentinel",
         "clear_sentinel",
@@ -236,6 +242,7 @@ class GradientAudit(AuditCallback):
         self._one_time = False
         self._optimizers: list[Any] = []
         self._optimizer_index: dict[int, int] = {}
+        self._gc_clock = False  # whether this callback installed the clock's GC callback
         # Per batch, for the budget: this callback's time at the start of the batch, and each
         # check's (total, outside) seconds when the batch first reached it (an awake check at
         # the start, one woken or started watching later on). A check that sleeps through the
@@ -341,9 +348,12 @@ class GradientAudit(AuditCallback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        start = time.perf_counter()
+        start = time.perf_counter() - _GC[0]
         try:
             self._router.wake_all()
+            if self.budget is not None and not self._gc_clock:
+                clock.install()  # the collector's pauses are left out of the audit's time
+                self._gc_clock = True
             patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
             self._window_steps = max(WATCH_WINDOW_STEPS, patience + 1)
             if self.watch_windows is not None:
@@ -354,7 +364,7 @@ class GradientAudit(AuditCallback):
             AuditCallback.on_train_start(self, trainer, pl_module)
             self._start_sentinels(trainer)
         finally:
-            self._own_seconds += time.perf_counter() - start
+            self._own_seconds += time.perf_counter() - _GC[0] - start
 
     def _start_sentinels(self, trainer: pl.Trainer) -> None:
         self._optimizers = list(trainer.optimizers)
@@ -372,13 +382,13 @@ class GradientAudit(AuditCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        start = time.perf_counter()
+        self._batch_started = time.perf_counter()
+        start = self._batch_started - _GC[0]
         self._own_before = self._own_seconds
         self._before = {}
         router = self._router
         for i in router.awake_indices:
             self._touch(i)
-        self._batch_started = start
         try:
             step = self._step = trainer.global_step
             # The batches before the first optimizer step carry the one-time audit.
@@ -393,7 +403,7 @@ class GradientAudit(AuditCallback):
             if self._router.batch["on_train_batch_start"]:
                 self._call("on_train_batch_start", trainer, pl_module, batch, batch_idx)
         finally:
-            self._own_seconds += time.perf_counter() - start
+            self._own_seconds += time.perf_counter() - _GC[0] - start
 
     def _choose_watching(self, trainer: pl.Trainer, batch_idx: int) -> None:
         windows = self.watch_windows
@@ -433,7 +443,7 @@ class GradientAudit(AuditCallback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any
     ) -> None:
-        start = time.perf_counter()
+        start = time.perf_counter() - _GC[0]
         try:
             finite = self.finite_sentinel
             if finite is not None:
@@ -443,7 +453,7 @@ class GradientAudit(AuditCallback):
             if self._router.batch["on_before_backward"]:
                 self._call("on_before_backward", trainer, pl_module, loss)
         finally:
-            self._own_seconds += time.perf_counter() - start
+            self._own_seconds += time.perf_counter() - _GC[0] - start
 
     def _poll_finite(self) -> None:
         assert self.finite_sentinel is not None
@@ -486,7 +496,7 @@ class GradientAudit(AuditCallback):
     ) -> None:
         # The gradient norms are shared only within this hook call: the gradients do not change
         # between the checks' hooks, and no reference to them outlives it.
-        start = time.perf_counter()
+        start = time.perf_counter() - _GC[0]
         try:
             if not self._automatic:
                 self._wake_due(trainer.global_step)  # several steps in one batch
@@ -498,7 +508,7 @@ class GradientAudit(AuditCallback):
         finally:
             if self._norm_cache._key is not None:  # it holds norms of this step
                 self._norm_cache.clear()
-            self._own_seconds += time.perf_counter() - start
+            self._own_seconds += time.perf_counter() - _GC[0] - start
 
     def on_train_batch_end(
         self,
@@ -508,7 +518,7 @@ class GradientAudit(AuditCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        start = time.perf_counter()
+        start = time.perf_counter() - _GC[0]
         try:
             if self._router.batch["on_train_batch_end"]:
                 self._call("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
@@ -521,16 +531,16 @@ class GradientAudit(AuditCallback):
                 self, trainer, pl_module, outputs, batch, batch_idx
             )
         finally:
-            self._own_seconds += time.perf_counter() - start
+            self._own_seconds += time.perf_counter() - _GC[0] - start
         if self.budget is not None and self._batch_started is not None:
             self._record_batch()
         if self._router.awake_indices:
             # The checks with nothing to do before a later step sleep until then (a cost
             # counted in the next batch). The step at the start of this batch will do: a check
             # busy at it but not at the next one sleeps after the next batch.
-            start = time.perf_counter()
+            start = time.perf_counter() - _GC[0]
             self._router.settle(self._step)
-            self._own_seconds += time.perf_counter() - start
+            self._own_seconds += time.perf_counter() - _GC[0] - start
 
     def _record_batch(self) -> None:
         """Tell the budget what this batch cost: the audit's time in it, and how much of that
@@ -567,6 +577,11 @@ class GradientAudit(AuditCallback):
             if self.watch_windows is not None:
                 scalars["watched_share"] = self.watch_windows.watched_share
             self.queue_scalars(scalars)
+
+    def release(self) -> None:
+        if self._gc_clock:
+            clock.uninstall()
+            self._gc_clock = False
 
     def scalar_charts(self) -> dict[str, list[str]]:
         """The measured overhead, when there is a budget (the checks bring their own charts)."""
@@ -629,13 +644,13 @@ def _forward(name: str) -> Callable[..., None]:
         route = router.batch.get(name)
         if not (router.targets[name] if route is None else route) and name not in _BASE_HOOKS:
             return
-        start = time.perf_counter()
+        start = time.perf_counter() - _GC[0]
         try:
             self._call(name, *args, **kwargs)
             if name in _BASE_HOOKS:
                 getattr(AuditCallback, name)(self, *args, **kwargs)
         finally:
-            self._own_seconds += time.perf_counter() - start
+            self._own_seconds += time.perf_counter() - _GC[0] - start
 
     hook.__name__ = name
     hook.__doc__ = f"Runs ``{name}`` of every check."

@@ -52,6 +52,7 @@ from grad_callbacks.callbacks.distributed import (
     sharded_strategy,
 )
 from grad_callbacks.core.budget import OverheadBudget
+from grad_callbacks.core.clock import GC_SECONDS as _GC
 from grad_callbacks.core.norms import NormFn, grad_norms
 from grad_callbacks.findings import (
     SEVERITY_RANK,
@@ -680,7 +681,8 @@ class AuditCallback(pl.Callback):
 # The two context managers every hook enters, as classes: a generator-based @contextmanager
 # costs several times more per use, and hooks use them tens of times per training step.
 class _Timer:
-    """Adds the time spent in the block to ``owner.<attribute>``."""
+    """Adds the time spent in the block to ``owner.<attribute>``, without the garbage
+    collector's pauses while GradientAudit runs (:mod:`grad_callbacks.core.clock`)."""
 
     __slots__ = ("_attribute", "_owner", "_start")
 
@@ -690,10 +692,10 @@ class _Timer:
         self._start = 0.0
 
     def __enter__(self) -> None:
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() - _GC[0]
 
     def __exit__(self, *exc: object) -> None:
-        spent = time.perf_counter() - self._start
+        spent = time.perf_counter() - _GC[0] - self._start
         setattr(self._owner, self._attribute, getattr(self._owner, self._attribute) + spent)
 
 

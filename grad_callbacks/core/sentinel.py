@@ -100,24 +100,21 @@ class FiniteSentinel:
         ``norms``, when given, are the gradients' norms already computed (one pass shared with
         other checks); NaN/Inf in a gradient makes its norm non-finite.
         """
-        flags: list[Tensor] = []
-        device: torch.device | None = None
-        if self._losses:
-            device = self._losses[0].device
-            losses = [t.reshape(()).to(device, torch.float32) for t in self._losses]
-            flags.append(torch.isfinite(torch.stack(losses)))
+        # One vector of the losses then the gradient norms, tested at once (two device
+        # operations where every value is a 0-d tensor on one device, as usual).
+        values: list[Tensor] = list(self._losses)
         if grads:
-            device = device or grads[0].device
             if norms is None:
                 norms = torch._foreach_norm([g.detach() for g in grads])
-            first = norms[0]
-            if all(n.dtype == first.dtype and n.device == first.device for n in norms):
-                total = torch.stack(list(norms)).sum().to(device, torch.float32)
-            else:  # mixed dtypes or devices: one conversion per tensor
-                total = torch.stack([n.to(device, torch.float32) for n in norms]).sum()
-            flags.append(torch.isfinite(total).reshape(1))
-        if flags:
-            self._reads.append((HostCopy(torch.cat(flags)), list(self._where), (step, batch_idx)))
+            values.extend(norms)
+        if values:
+            device = values[0].device
+            if all(v.dim() == 0 and v.device == device for v in values):
+                stacked = torch.stack(values)  # promotes mixed dtypes (bf16 loss, fp32 norms)
+            else:
+                stacked = torch.stack([v.reshape(()).to(device, torch.float32) for v in values])
+            where = list(self._where)
+            self._reads.append((HostCopy(torch.isfinite(stacked)), where, (step, batch_idx)))
             self.looks += 1
         self._losses.clear()
         self._where.clear()
@@ -127,13 +124,13 @@ class FiniteSentinel:
         waits for them if ``wait``); None while all is finite."""
         while self.found is None and self._reads and (wait or self._reads[0][0].ready()):
             copy, where, at = self._reads.pop(0)
-            flags = copy.result().tolist()
+            flags = copy.result().tolist()  # the losses', then the gradient norms'
             for ok, (step, batch_idx) in zip(flags, where, strict=False):
                 if not ok:
                     self.found = NonFinite(step, batch_idx, "loss")
                     break
             else:
-                if len(flags) > len(where) and not flags[-1]:
+                if not all(flags[len(where) :]):
                     self.found = NonFinite(at[0], at[1], "gradients")
         if self.found is not None:
             self._reads.clear()
@@ -151,22 +148,27 @@ class ClearSentinel:
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         self._optimizers = list(optimizers)
         self._seen: list[weakref.ref[Tensor] | None] = [None] * len(self._optimizers)
+        # Per optimizer, the parameter looked at last time (looked at first next time).
+        self._param: list[Tensor | None] = [None] * len(self._optimizers)
 
     def reset(self) -> None:
         """Forget what was seen (the exact check watched in between)."""
         self._seen = [None] * len(self._optimizers)
+        self._param = [None] * len(self._optimizers)  # the optimizers' groups may have changed
 
     def step(self, index: int) -> bool:
         """Call at each step of optimizer ``index``: True when it steps on the same gradient
         tensor as at its previous step."""
-        grad = None
-        for group in self._optimizers[index].param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    grad = p.grad
+        param = self._param[index]
+        grad = param.grad if param is not None else None
+        if grad is None:
+            for group in self._optimizers[index].param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grad, self._param[index] = p.grad, p
+                        break
+                if grad is not None:
                     break
-            if grad is not None:
-                break
         seen = self._seen[index]
         again = grad is not None and seen is not None and seen() is grad
         self._seen[index] = weakref.ref(grad) if grad is not None else None

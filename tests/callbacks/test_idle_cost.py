@@ -1,4 +1,5 @@
-"""What ``GradientAudit()`` does at a batch where nothing is scheduled: next to nothing.
+"""What ``GradientAudit()`` does at a batch where nothing is scheduled: next to nothing; and
+what its measure of its own time leaves out (the garbage collector's pauses).
 
 At most batches of a long run no check has work: the per-step checks are between two watch
 windows, the periodic checks are not due, the sentinel does not look. Counted here, not timed
@@ -11,16 +12,20 @@ on CUDA would wait for the device.
 from __future__ import annotations
 
 import collections
+import gc
 import statistics
 import sys
+import time
 from types import FrameType
 from typing import Any
 
 import lightning as L
 
 from grad_callbacks import GradientAudit
+from grad_callbacks.callbacks.base import AuditCallback
 from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
+from grad_callbacks.core import clock
 from tests import zoo
 from tests.callbacks.test_latency import BATCHES, slow_machine_audit
 
@@ -102,3 +107,38 @@ def test_a_batch_where_nothing_is_scheduled_costs_a_few_calls_and_no_host_read()
     # The audit still looks: windows, sentinel looks and the monitor ran in the other batches.
     assert audit.watch_windows is not None and audit.watch_windows.watched > 0
     assert audit.finite_sentinel is not None and audit.finite_sentinel.looks > 0
+
+
+class _Collecting(AuditCallback):
+    """A check whose hook, at one batch, runs a full garbage collection of a large heap."""
+
+    check_name = "Collecting"
+
+    def __init__(self) -> None:
+        super().__init__(on_finding="log")
+        self.gc_seconds = 0.0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        if trainer.global_step == 3:
+            heap = [[i] for i in range(300_000)]  # tracked objects the collector walks
+            with self.timed():
+                start = time.perf_counter()
+                gc.collect()
+                self.gc_seconds = time.perf_counter() - start
+            del heap
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+
+def test_a_garbage_collection_inside_a_hook_is_not_the_audits_time() -> None:
+    # A collection stops the process for as long as the heap takes to walk, wherever an
+    # allocation triggers it: hundreds of milliseconds beside a transformers model, which the
+    # budget would otherwise charge to whichever check it landed in.
+    check = _Collecting()
+    audit = GradientAudit(checks=[check], on_finding="log")
+    zoo.fit(zoo.MLP(), [audit], limit_train_batches=6)
+    assert check.gc_seconds > 0.005  # a real collection ran in the check's timed block
+    assert check.seconds_spent < check.gc_seconds / 2, (check.seconds_spent, check.gc_seconds)
+    assert audit.budget is not None and audit.budget.check_seconds < check.gc_seconds / 2
+    assert clock._on_gc not in gc.callbacks  # removed at the end of training
