@@ -18,16 +18,16 @@ mutates must look untouched afterwards. :class:`PythonState` is a shallow pictur
   (``self.logs["train"].append(x)``), is copied (shallow, up to :data:`MAX_CONTAINER` items)
   and its contents put back *in place* when they changed, so references the user holds to it
   stay valid; a plain tensor held by an attribute, directly or in a tuple, list or dict (a
-  carried hidden state), is cloned (up to :data:`MAX_TENSOR` elements) and its values put back
-  when it was written in place (its version counter moved). Containers of more than
-  :data:`MAX_SCANNED` items are not looked inside.
+  carried hidden state), is cloned (up to :data:`MAX_TENSOR` elements, and :data:`MAX_CLONED`
+  in all) and its values put back when it was written in place (its version counter moved).
+  Containers of more than :data:`MAX_SCANNED` items are not looked inside.
 
 What this cannot undo, it names (:meth:`PythonState.restore` returns the names): a container
-larger than :data:`MAX_CONTAINER` whose length changed, a tensor larger than
-:data:`MAX_TENSOR` written in place. It never sees: objects of other classes mutated inside
-(``self.tracker.update(...)``), containers nested deeper than two levels (or inside a container
-of more than :data:`MAX_SCANNED` items), other modules' globals, files, sockets, other
-processes.
+larger than :data:`MAX_CONTAINER` whose length changed, a tensor larger than :data:`MAX_TENSOR`
+(or beyond :data:`MAX_CLONED`) written in place. It never sees: objects of other classes
+mutated inside (``self.tracker.update(...)``), containers nested deeper than two levels (or
+inside a container of more than :data:`MAX_SCANNED` items), other modules' globals, files,
+sockets, other processes.
 
 Example:
     >>> import torch
@@ -59,6 +59,9 @@ MAX_CONTAINER = 10_000
 #: Plain tensor attributes up to this many elements are cloned; larger ones are only watched
 #: (a write in place is reported).
 MAX_TENSOR = 1 << 22
+#: Elements cloned in all by one picture: tensors beyond it are only watched, like large ones (a
+#: dict of a model's worth of tensors is not copied at every recomputation).
+MAX_CLONED = 1 << 24
 #: How deep inside an attribute's value containers and tensors are looked for: 2 is
 #: ``self.logs["train"].append(x)`` (a list in a dict), ``self.hidden[0].add_(1)`` (a tensor in
 #: a tuple).
@@ -127,12 +130,18 @@ class _TensorCopy:
     values: torch.Tensor | None  # None when too large to clone
 
     @classmethod
-    def take(cls, t: torch.Tensor) -> _TensorCopy | None:
+    def take(cls, t: torch.Tensor, budget: list[int]) -> _TensorCopy | None:
+        """Watch ``t``; clone it when it is small enough and ``budget[0]`` (elements left to
+        clone in this picture) allows, which it then lowers."""
         try:
             version = t._version
         except RuntimeError:  # inference tensors have no version counter
             return None
-        values = t.detach().clone() if t.numel() <= MAX_TENSOR else None
+        n = t.numel()
+        values = None
+        if n <= MAX_TENSOR and n <= budget[0]:
+            values = t.detach().clone()
+            budget[0] -= n
         return cls(t, version, values)
 
     def put_back(self) -> bool:
@@ -175,7 +184,9 @@ def _members(value: Any) -> list[tuple[Any, Any]]:
     return []
 
 
-def _watch_inner(name: str, value: Any, seen: set[int], depth: int = 1) -> list[tuple[str, Any]]:
+def _watch_inner(
+    name: str, value: Any, seen: set[int], budget: list[int], depth: int = 1
+) -> list[tuple[str, Any]]:
     """Copies of the containers and tensors an attribute value holds, looked for up to
     :data:`MAX_DEPTH` levels in (``self.logs["train"]`` is the second level of ``self.logs``),
     inside containers of at most :data:`MAX_SCANNED` items."""
@@ -188,7 +199,7 @@ def _watch_inner(name: str, value: Any, seen: set[int], depth: int = 1) -> list[
         out.append((name, copy))
         inside = copy.items is not None
     elif _is_plain_tensor(value):
-        taken = _TensorCopy.take(value)
+        taken = _TensorCopy.take(value, budget)
         if taken is not None:
             seen.add(id(value))
             out.append((name, taken))
@@ -198,7 +209,7 @@ def _watch_inner(name: str, value: Any, seen: set[int], depth: int = 1) -> list[
     if inside and depth < MAX_DEPTH and len(value) <= MAX_SCANNED:
         for key, item in _members(value):
             if type(item) in _CONTAINERS or type(item) is tuple or _is_plain_tensor(item):
-                out += _watch_inner(f"{name}[{key!r}]", item, seen, depth + 1)
+                out += _watch_inner(f"{name}[{key!r}]", item, seen, budget, depth + 1)
     return out
 
 
@@ -291,9 +302,10 @@ class PythonState:
                         lambda c=cell, var=var: {var: c.cell_contents},
                     )
                 )
+        budget = [MAX_CLONED]
         for ns in namespaces:
             for key, value in ns.values.items():
-                for item in _watch_inner(f"{ns.name}.{key}", value, seen):
+                for item in _watch_inner(f"{ns.name}.{key}", value, seen, budget):
                     ns.inner.append(item)
         return cls(namespaces)
 

@@ -150,3 +150,14 @@ def test_a_large_container_two_levels_in_is_named(monkeypatch) -> None:
     state = PythonState.capture(net)
     net.logs["train"].append(5)
     assert state.restore() == ["self.logs['train'] (resized, too large to copy)"]
+
+
+def test_tensors_beyond_the_clone_budget_are_only_watched(monkeypatch) -> None:
+    monkeypatch.setattr(python_state, "MAX_CLONED", 4)
+    net = nn.Linear(2, 2)
+    net.cache = {"a": torch.zeros(3), "b": torch.zeros(3)}  # 6 elements, 4 may be cloned
+    state = PythonState.capture(net)
+    net.cache["a"].add_(1)
+    net.cache["b"].add_(1)
+    assert state.restore() == ["self.cache['b'] (written in place, too large to copy)"]
+    assert torch.equal(net.cache["a"], torch.zeros(3))
