@@ -119,20 +119,26 @@ class ManualTokenLM(zoo_real.TokenLM):
     normalized by its own micro-batch ("mean", "per-sample") is divided by ``accumulate``; the
     window-normalized one ("window": token sum / the window's count) is not."""
 
-    def __init__(self, reduction: str = "mean", accumulate: int = 2) -> None:
+    def __init__(
+        self, reduction: str = "mean", accumulate: int = 2, zero_first: bool = False
+    ) -> None:
         super().__init__(reduction)
         self.automatic_optimization = False
         self.accumulate = accumulate
+        self.zero_first = zero_first  # zero_grad at the window's start, not after the step
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         opt = self.optimizers()
+        if self.zero_first and batch_idx % self.accumulate == 0:
+            opt.zero_grad()
         loss = super().training_step(batch, batch_idx)
         if self.reduction != "window":
             loss = loss / self.accumulate
         self.manual_backward(loss)
         if (batch_idx + 1) % self.accumulate == 0:
             opt.step()
-            opt.zero_grad()
+            if not self.zero_first:
+                opt.zero_grad()
 
 
 def _fit_manual(module: L.LightningModule, windows: list[Any], num_items: bool = False) -> Any:
@@ -167,13 +173,16 @@ def _window_oracle(
     return accumulated, window
 
 
-def test_hand_written_accumulation_of_own_token_means_is_accumulation_weighting() -> None:
+@pytest.mark.parametrize("zero_first", [False, True])
+def test_hand_written_accumulation_of_own_token_means_is_accumulation_weighting(
+    zero_first: bool,
+) -> None:
     """Before: the batch that stepped was never checked (the one before it, which stepped
     nothing, took the scheduled step), so nothing was found."""
     torch.manual_seed(0)
-    module = ManualTokenLM("mean")
+    module = ManualTokenLM("mean", zero_first=zero_first)
     before = copy.deepcopy(module)
-    check = _fit_manual(module, CLASSIC)
+    check = _fit_manual(module, [*CLASSIC, *CLASSIC] if zero_first else CLASSIC)
     (finding,) = [f for f in check.findings if f.severity != "info"]
     assert finding.code == "accumulation-weighting" and finding.severity == "warning"
     assert finding.step == 0 and finding.data["manual"] is True
@@ -210,6 +219,21 @@ def test_hand_written_accumulation_done_right_is_silent(
         batches = list(zoo_real.token_windows(windows, 128))
         accumulated, window = _window_oracle(before, batches)
         torch.testing.assert_close(accumulated, window, rtol=1e-4, atol=1e-7)
+
+
+def test_hand_written_accumulation_under_the_audit_whose_checks_sleep() -> None:
+    """GradientAudit calls a check only from its due step on: the window of step 2 is found
+    after the check slept through step 1 (counts by hand: 10 and 100 tokens)."""
+    windows = [[[5, 5], [4, 6]], [[3, 7], [40, 60]], [[3, 7], [40, 60]]]
+    torch.manual_seed(0)
+    audit = GradientAudit(on_finding="log", every_n_steps=2, max_overhead=None)
+    data = zoo_real.token_windows(windows, length=128)
+    zoo.fit(ManualTokenLM("mean"), [audit], data=data)
+    (finding,) = [f for f in audit.findings if f.severity != "info"]
+    assert finding.code == "accumulation-weighting" and finding.step == 2
+    assert finding.data["counts"] == [10.0, 100.0]
+    per_sample = next(c for c in audit.checks if isinstance(c, PerSampleGradientCheck))
+    assert per_sample.steps_checked == 2
 
 
 class AccumulatingGAN(zoo.GAN):

@@ -233,8 +233,6 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
             ran_at, seconds = self._unplanned
             self._unplanned = None
             self._plan_next_run(trainer, ran_at, seconds)
-        if not pl_module.automatic_optimization:
-            self._manual_count_batch()
         step = trainer.global_step
         if not self.is_scheduled(step) or step in self._done_steps:
             return
@@ -249,7 +247,7 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
         if not pl_module.automatic_optimization:
             # checked at the end of the batch, every optimizer step of it
             self._window, self._window_step = [], None
-            self._manual_batch_start(pl_module, step, micro)
+            self._manual_batch_start(trainer, pl_module, step, micro)
             return
         self._window.append(micro)
 

@@ -9,11 +9,15 @@ optimizer step are that step's loss, checked per sample and against the gradient
 stepped on (:mod:`~grad_callbacks.callbacks.per_sample.manual`).
 
 Hand-written accumulation (``manual_backward`` on every batch, ``opt.step()`` every k batches)
-leaves batches that step nothing: they are kept while the check is due, and the batch that steps
-is checked with them as its window. An optimizer's window is the batches since its previous
-step, when it held gradients at the start of the stepping batch and its ``zero_grad`` did not run
-before the step; the micro-batches' counts are then compared (``accumulation-weighting``). A
-window that began before the check started keeping batches is not judged.
+leaves batches that step nothing: the batches of a due step are kept (a reference each, numbered
+by the trainer's batch count across epochs), and the batch that steps is checked with them as
+its window. An optimizer's window is that batch alone when its ``zero_grad`` ran before the step
+or its parameters held no gradient as the batch began; else the kept batches back to the one
+that began it: one at whose start its parameters held no gradient, one right after a batch in
+which the check saw it step, or, with a single optimizer, the first batch of the due step (the
+optimizer stepped just before it: that is what made the step due). The micro-batches' counts
+are then compared (``accumulation-weighting``). A window whose beginning the check did not see
+(possible with several optimizers stepping at different rates) is not judged.
 """
 
 from __future__ import annotations
@@ -52,9 +56,8 @@ class _ManualBatch:
     Attributes:
         step: the global step at its start (findings are stamped with it).
         micro: the batch, its index, the random and Python state before ``training_step``.
-        number: the batch's number in the run (counted from 1).
-        last_stepped: per optimizer (``id`` of the torch optimizer), the number of the batch it
-            last stepped in before this one.
+        number: the batch's number in the run (the trainer's count across epochs).
+        first: whether it is the first batch of its due step the check saw.
         held: the gradients the parameters held at the start (by name).
         stepped: per optimizer step of the batch, the torch optimizer and the gradients it
             stepped on.
@@ -64,10 +67,22 @@ class _ManualBatch:
     step: int
     micro: _MicroBatch
     number: int
-    last_stepped: dict[int, int]
+    first: bool
     held: dict[str, Tensor]
     stepped: list[tuple[Any, dict[str, Tensor]]] = field(default_factory=list)
     segments: list[dict[int, Tensor]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A batch of a due step, kept for the accumulation windows of later steps."""
+
+    number: int
+    batch: Any
+    first: bool
+    #: The optimizers (``id`` of the torch optimizer) whose parameters held no gradient at its
+    #: start: their window cannot begin earlier.
+    clear: frozenset[int]
 
 
 class _ManualChecks:
@@ -82,24 +97,24 @@ class _ManualChecks:
     def _manual_init(self) -> None:
         self._manual = None
         self._manual_step = None  # the checked manual batch's first step
-        self._batches_seen = 0
-        # id(torch optimizer) -> the number of the batch it last stepped in
+        self._batch_number = -1  # the trainer's batch count of the batch being checked
+        # id(torch optimizer) -> the number of the batch the check last saw it step in
         self._last_stepped: dict[int, int] = {}
-        # (number, batch) of the checked batches that stepped nothing, oldest first
-        self._kept: list[tuple[int, Any]] = []
-
-    def _manual_count_batch(self) -> None:
-        self._batches_seen += 1
+        # the batches of due steps, oldest first, contiguous
+        self._kept: list[_Kept] = []
 
     def _manual_batch_start(
-        self, pl_module: pl.LightningModule, step: int, micro: _MicroBatch
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, micro: _MicroBatch
     ) -> None:
         held = {
             k: p.grad.detach().clone()
             for k, p in pl_module.named_parameters()
             if p.grad is not None
         }
-        self._manual = _ManualBatch(step, micro, self._batches_seen, dict(self._last_stepped), held)
+        number = _batch_number(trainer, self._batch_number)
+        first = not self._kept or self._kept[-1].number != number - 1
+        self._batch_number = number
+        self._manual = _ManualBatch(step, micro, number, first, held)
 
     def _manual_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -107,10 +122,10 @@ class _ManualChecks:
         """At every manual optimizer step: when it ran, and, in a checked batch, what it
         stepped on."""
         raw = getattr(optimizer, "_optimizer", optimizer)
-        self._last_stepped[id(raw)] = self._batches_seen
         record = self._manual
         if record is None:
             return
+        self._last_stepped[id(raw)] = record.number
         live = {
             k: p.grad.detach().clone()
             for k, p in params_of(pl_module, raw).items()
@@ -124,9 +139,8 @@ class _ManualChecks:
         record, self._manual = self._manual, None
         if record is None:
             return
+        self._keep(trainer, pl_module, record)
         if not record.stepped:
-            self._kept.append((record.number, record.micro.batch))
-            del self._kept[:-MAX_KEPT_BATCHES]
             return
         self._done_steps = {record.step}
         spent_before = self.seconds_spent
@@ -140,8 +154,8 @@ class _ManualChecks:
             finally:
                 self._manual_step = None
                 # batches no later window can hold (every optimizer stepped since)
-                oldest = min(self._last_stepped.get(id(o), 0) for o in _raw_optimizers(trainer))
-                self._kept = [(k, b) for k, b in self._kept if k > oldest]
+                oldest = min(self._last_stepped.get(id(o), -1) for o in _raw_optimizers(trainer))
+                self._kept = [k for k in self._kept if k.number > oldest]
             if self._compared:
                 self.steps_checked += 1
             self._may_recompute()
@@ -182,7 +196,7 @@ class _ManualChecks:
             self._reduction_now = None
             with self.guarded("the per-sample comparison"):
                 self._compare_per_sample(pl_module, micro, params, manual_fn=loss_fn)
-            window = self._window_of(record, stepped[k][0], cleared[k], params)
+            window = self._window_of(trainer, record, stepped[k][0], cleared[k])
             if window is not None and len(window) > 1:
                 with self.guarded("the accumulation-weighting check"):
                     self._check_accumulation(window, manual=True)
@@ -202,23 +216,53 @@ class _ManualChecks:
                 if bool(torch.stack([torch.isfinite(g).all() for g in live.values()]).all()):
                     self._judge_mismatch(trainer, live, recomputed, microbatches=1)
 
+    def _keep(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: _ManualBatch
+    ) -> None:
+        """Keep the batch for the windows of later steps (the kept batches stay contiguous)."""
+        if self._kept and self._kept[-1].number != record.number - 1:
+            self._kept = []
+        clear = frozenset(
+            id(raw)
+            for raw in _raw_optimizers(trainer)
+            if not _holds_gradients(record.held, params_of(pl_module, raw))
+        )
+        self._kept.append(_Kept(record.number, record.micro.batch, record.first, clear))
+        del self._kept[:-MAX_KEPT_BATCHES]
+
     def _window_of(
-        self, record: _ManualBatch, raw: Any, cleared: bool, params: dict[str, Tensor]
+        self, trainer: pl.Trainer, record: _ManualBatch, raw: Any, cleared: bool
     ) -> list[Any] | None:
         """The batches whose gradients an optimizer step of ``record``'s batch applied, in
-        order, that batch last; None when the window began before the check kept batches."""
-        own = [record.micro.batch]
-        if cleared:  # its zero_grad ran in the batch, before the step
-            return own
-        held = [record.held[n] for n in params if n in record.held]
-        if not held or not bool(torch.stack([g.ne(0).any() for g in held]).any()):
-            return own  # it held no gradient when the batch began: nothing accumulated
-        since = record.last_stepped.get(id(raw), 0)
-        kept = dict(self._kept)
-        earlier = range(since + 1, record.number)
-        if any(k not in kept for k in earlier):
+        order, that batch last; None when the check did not see where the window began."""
+        kept = self._kept
+        if not kept or kept[-1].number != record.number:  # _keep ran for this batch
             return None
-        return [kept[k] for k in earlier] + own
+        if cleared or id(raw) in kept[-1].clear:
+            return [record.micro.batch]  # zero_grad before the step, or nothing accumulated
+        single = len(trainer.optimizers) == 1
+        for j in range(len(kept) - 2, -1, -1):
+            entry = kept[j]
+            if (
+                id(raw) in entry.clear
+                or self._last_stepped.get(id(raw)) == entry.number - 1
+                or (entry.first and single)
+            ):
+                return [k.batch for k in kept[j:]]
+        return None
+
+
+def _holds_gradients(held: dict[str, Tensor], params: dict[str, Tensor]) -> bool:
+    grads = [held[n] for n in params if n in held]
+    return bool(grads) and bool(torch.stack([g.ne(0).any() for g in grads]).any())
+
+
+def _batch_number(trainer: pl.Trainer, previous: int) -> int:
+    """The trainer's count of training batches across epochs (the previous number plus one
+    where the loop does not say)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    number = getattr(loop, "total_batch_idx", None)
+    return number if isinstance(number, int) else previous + 1
 
 
 def _raw_optimizers(trainer: pl.Trainer) -> list[Any]:
