@@ -61,6 +61,7 @@ from grad_callbacks.callbacks.per_sample.verdicts import mismatch_finding
 from grad_callbacks.callbacks.recompute import Recomputations, capture_rng, capture_state
 from grad_callbacks.core.diagnosis import MISMATCH_TOL, RunNormScale, relative_error
 from grad_callbacks.core.per_sample import PerSampleStats
+from grad_callbacks.core.per_sample.loss import dense
 from grad_callbacks.core.per_sample.weights import Reduction, Weighting
 from grad_callbacks.core.state import BufferValues
 
@@ -331,7 +332,7 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
     ) -> None:
         if not pl_module.automatic_optimization:
             return
-        live = {k: p.grad for k, p in params.items() if p.grad is not None}
+        live = {k: dense(p.grad) for k, p in params.items() if p.grad is not None}
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
         recomputed: dict[str, Tensor] | None = None
         with self.guarded("the optimizer-gradient comparison"):

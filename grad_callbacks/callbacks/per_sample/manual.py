@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from grad_callbacks.callbacks.backward_guard import _recording_backward
 from grad_callbacks.callbacks.per_sample.losses import _loss_of
 from grad_callbacks.callbacks.stand_ins import ManualSteps, stood_in
+from grad_callbacks.core.per_sample.loss import dense
 
 
 @contextmanager
@@ -104,6 +105,7 @@ def manual_step_grads(
             for j, g in enumerate(grads):
                 name = names[j % len(names)]
                 if g is not None:
+                    g = dense(g)
                     summed[name] = summed[name] + g if name in summed else g
             grad = {n: summed.get(n, torch.zeros_like(params[n])) for n in names}
             if not was_cleared and held:

@@ -34,6 +34,7 @@ from grad_callbacks.callbacks.per_sample.losses import manual_record, manual_ste
 from grad_callbacks.callbacks.per_sample.manual import manual_step_grads
 from grad_callbacks.callbacks.per_sample.replay import params_of
 from grad_callbacks.callbacks.stand_ins import ManualSteps
+from grad_callbacks.core.per_sample.loss import dense
 
 #: Batches that stepped nothing kept at most, for the accumulation windows of manual steps.
 MAX_KEPT_BATCHES = 64
@@ -107,7 +108,7 @@ class _ManualChecks:
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, micro: _MicroBatch
     ) -> None:
         held = {
-            k: p.grad.detach().clone()
+            k: dense(p.grad.detach().clone())
             for k, p in pl_module.named_parameters()
             if p.grad is not None
         }
@@ -127,7 +128,7 @@ class _ManualChecks:
             return
         self._last_stepped[id(raw)] = record.number
         live = {
-            k: p.grad.detach().clone()
+            k: dense(p.grad.detach().clone())
             for k, p in params_of(pl_module, raw).items()
             if p.grad is not None
         }

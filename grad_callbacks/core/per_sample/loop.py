@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from grad_callbacks.core.batch import slice_batch
-from grad_callbacks.core.per_sample.loss import GradChunks, LossFn, _LossModule
+from grad_callbacks.core.per_sample.loss import GradChunks, LossFn, _LossModule, dense
 from grad_callbacks.core.state import restored_state
 
 
@@ -54,6 +54,6 @@ def _hook_free_grad(
         loss = functional_call(_LossModule(module, loss_fn), tensors, (batch,))
         grads = torch.autograd.grad(loss, list(detached.values()), allow_unused=True)
     return {
-        k: torch.zeros_like(p) if g is None else g
+        k: torch.zeros_like(p) if g is None else dense(g)
         for (k, p), g in zip(detached.items(), grads, strict=True)
     }

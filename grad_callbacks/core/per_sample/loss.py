@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -16,6 +17,18 @@ GradChunks = Iterator[tuple[int, dict[str, Tensor]]]
 def _describe(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def dense(grad: Tensor) -> Tensor:
+    """``grad`` as a strided tensor: the gradient of a sparse embedding
+    (``nn.Embedding(..., sparse=True)``) is a sparse tensor, which the statistics and
+    comparisons cannot reshape.
+
+    Example:
+        >>> dense(torch.eye(2).to_sparse()).layout
+        torch.strided
+    """
+    return grad if grad.layout == torch.strided else grad.to_dense()
 
 
 def _scalar(loss: Any) -> Tensor:
