@@ -107,12 +107,18 @@ def header_parts(run: Run) -> list[str]:
 
 
 def cost_summary(report: Mapping[str, Any]) -> str:
-    """One sentence on what the audit cost and how much of the run it watched.
+    """One sentence on what the audit cost and how much of the run it watched: the steady state
+    (what ``max_overhead`` budgets) against the budget, the one-time audit of the first step,
+    and the whole run.
 
     Example:
         >>> cost_summary({"overhead": {"measured": 0.021, "max_overhead": 0.03,
         ...                            "watched_share": 0.25}})
         'cost: the audit took 2.1% of training time (budget 3%); it watched 25% of the batches'
+        >>> cost_summary({"overhead": {"measured": 0.5, "max_overhead": 0.03,
+        ...     "one_time": {"seconds": 1.2, "training_steps": 150.0},
+        ...     "steady_state": {"from_step": 100, "measured": 0.012}}})
+        'cost: steady state (from step 100): 1.2% of training time (budget 3%); one-time audit of the first step: 1.20 s = 150 training steps; whole run: the audit took 50% of training time'
         >>> cost_summary({})
         'cost: not measured (no overhead budget: GradientAudit(max_overhead=None) or checks used alone)'
     """  # noqa: E501
@@ -123,13 +129,28 @@ def cost_summary(report: Mapping[str, Any]) -> str:
             "used alone)"
         )
     parts = []
+    budget = _share(overhead.get("max_overhead"))
+    within = f" (budget {budget})" if budget is not None else ""
+    steady = overhead.get("steady_state")
+    if isinstance(steady, Mapping) and "measured" in steady:
+        since = f"from step {steady.get('from_step', '?')}"
+        share = _share(steady.get("measured"))
+        if share is None:
+            parts.append(f"steady state ({since}): not reached in this run{within}")
+        else:
+            parts.append(f"steady state ({since}): {share} of training time{within}")
+        within = ""  # the budget is the steady state's
+    one_time = overhead.get("one_time")
+    if isinstance(one_time, Mapping) and isinstance(one_time.get("seconds"), (int, float)):
+        text = f"one-time audit of the first step: {_duration(float(one_time['seconds']))}"
+        steps = one_time.get("training_steps")
+        if isinstance(steps, (int, float)):
+            text += f" = {steps:.3g} training steps"
+        parts.append(text)
     measured = _share(overhead.get("measured"))
     if measured is not None:
-        budget = _share(overhead.get("max_overhead"))
-        parts.append(
-            f"the audit took {measured} of training time"
-            + (f" (budget {budget})" if budget is not None else "")
-        )
+        whole = "whole run: " if parts else ""
+        parts.append(f"{whole}the audit took {measured} of training time{within}")
     watched = _share(overhead.get("watched_share"))
     if watched is not None:
         parts.append(f"it watched {watched} of the batches")

@@ -50,7 +50,13 @@ def test_text_and_md_state_cost_coverage_methods_and_idle_reasons(
     overhead = report["overhead"]
     measured = f"{100 * overhead['measured']:.3g}%"
     watched = f"{100 * overhead['watched_share']:.3g}%"
-    assert f"the audit took {measured} of training time (budget 3%)" in out
+    # The budget is the steady state's (not reached in this short run); the one-time audit
+    # of the first step and the whole run are stated apart.
+    assert "cost: steady state (from step 100): not reached in this run (budget 3%)" in out
+    one_time = overhead["one_time"]
+    assert "one-time audit of the first step: " in out
+    assert f" = {one_time['training_steps']:.3g} training steps" in out
+    assert f"whole run: the audit took {measured} of training time;" in out
     assert f"it watched {watched} of the batches" in out
     for key in overhead:  # every field of the section, whatever the audit measured
         assert f"{key}: " in out, key
@@ -98,3 +104,29 @@ def test_overhead_fields_are_printed_generically(
         assert "why no step: not recorded in this report" in out
     payload = json.loads(_report(capsys, "report", tmp_path, "--format", "json"))
     assert payload[0]["overhead"]["steady_state"] == {"share": 0.011, "steps": 40}
+
+
+def test_the_cost_line_puts_the_budget_beside_the_steady_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``max_overhead`` budgets the steady state: a long run's line gives it against the budget,
+    then the one-time audit of the first step and the whole run (the one-time audit makes the
+    whole run's share large in short runs)."""
+    report = build_report([], status="finished", global_step=300)
+    report["overhead"] = {
+        "max_overhead": 0.03,
+        "measured": 0.09,
+        "one_time": {"seconds": 2.5, "training_steps": 120.0, "what": "first step"},
+        "steady_state": {"from_step": 100, "measured": 0.021, "steps": 200},
+        "watched_share": 0.12,
+        "latency_bounds_steps": {"nonfinite-grad": 10, "missing-grad": 50},
+    }
+    write_report(tmp_path, report)
+    for fmt in ("text", "md"):
+        out = _report(capsys, "report", tmp_path, "--format", fmt, "--width", "400")
+        assert (
+            "cost: steady state (from step 100): 2.1% of training time (budget 3%); one-time "
+            "audit of the first step: 2.50 s = 120 training steps; whole run: the audit took 9% "
+            "of training time; it watched 12% of the batches"
+        ) in out
+        assert "latency_bounds_steps: nonfinite-grad=10, missing-grad=50" in out
