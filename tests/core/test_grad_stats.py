@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from grad_callbacks.core.grad_stats import GradSanityMonitor, HostCopy
+from grad_callbacks.core.grad_stats import GradSanityMonitor, HostCopy, _Row
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -116,3 +116,23 @@ def test_each_step_of_a_read_has_its_own_counts() -> None:
     tensor, layout = monitor.collect()  # type: ignore[misc]
     (summary,) = monitor.decode(HostCopy(tensor).result(), layout)
     assert summary.per_step == tuple(expected)
+
+
+def test_decoding_healthy_rows_at_once_says_what_the_fold_says() -> None:
+    """Rows where every gradient norm is finite and not 0 are decoded without the row-by-row
+    fold (a watch window's read); the fold, on the same rows and streaks, is the oracle."""
+    torch.manual_seed(0)
+    named = [[("a", torch.nn.Parameter(torch.ones(3))), ("b", torch.nn.Parameter(torch.ones(2)))]]
+    fast, slow = GradSanityMonitor(named, patience=2), GradSanityMonitor(named, patience=2)
+    for monitor in (fast, slow):
+        monitor.restore_streaks([(0, "b", 1)])  # carried from an earlier read
+        monitor.mark_gap()
+    rows = [_Row(0, step, True, False, after_gap=step == 5) for step in (5, 6, 7)]
+    host = torch.rand(3 * 2) + 0.1
+    got = fast.decode(host, rows)
+    expected = slow._fold(host, rows)
+    assert got == expected
+    assert fast.groups[0].streak.tolist() == slow.groups[0].streak.tolist() == [0, 0]
+    # With one zero the fold runs (and a streak shows).
+    host[-1] = 0.0
+    assert fast.decode(host, rows)[0].without_grad == 1
