@@ -37,7 +37,8 @@ all of them:
   (:class:`~grad_callbacks.core.python_state.PythonState`): attributes that ``training_step``
   rebinds, creates or deletes on the module and its submodules (a carried hidden state, a
   counter, a cache, one created on the instance over a class attribute), attributes of the
-  user's own module classes, the globals and closure cells of ``training_step`` and
+  user's own module classes, of the objects of the user's own classes it holds
+  (``self.tracker``), the globals and closure cells of ``training_step`` and
   ``forward``; plain lists, dicts, sets and deques they hold, and those held inside these or
   a tuple (two levels: ``self.logs["train"].append(x)``), are put back in place (their items
   are copied before and written back only when they changed), plain tensors they hold (also in
@@ -53,7 +54,7 @@ all of them:
   state), and the state at entry is put back afterwards.
 
 What is not undone: effects outside the module and the functions' own globals (a file written
-other than through ``open()``, a socket, another module's global, an object of another class
+other than through ``open()``, a socket, another module's global, an object of a library class
 mutated inside, a container nested deeper than two levels), which :class:`Recomputations`
 counts runs of so that the report can say how many there were. Changes the picture saw but could
 not undo (a container too large to copy resized, a large tensor written in place, a file opened

@@ -10,6 +10,9 @@ mutates must look untouched afterwards. :class:`PythonState` is a shallow pictur
   attribute) and one deleted are put back, as the very same objects;
 * the attributes of the modules' own classes (``type(self).calls += 1``), for classes defined
   outside torch, Lightning and ``transformers``;
+* the instance attributes of objects of the user's own classes (defined outside the standard
+  library and installed packages) that the modules' attributes hold (``self.tracker.update()``
+  rebinding ``self.tracker.calls``);
 * the global namespace and closure cells of the functions named (``training_step``,
   ``forward``, also when wrapped in ``functools.partial`` to record calls):
   ``global calls; calls += 1``;
@@ -24,10 +27,10 @@ mutates must look untouched afterwards. :class:`PythonState` is a shallow pictur
 
 What this cannot undo, it names (:meth:`PythonState.restore` returns the names): a container
 larger than :data:`MAX_CONTAINER` whose length changed, a tensor larger than :data:`MAX_TENSOR`
-(or beyond :data:`MAX_CLONED`) written in place. It never sees: objects of other classes
-mutated inside (``self.tracker.update(...)``), containers nested deeper than two levels (or
-inside a container of more than :data:`MAX_SCANNED` items), other modules' globals, files,
-sockets, other processes.
+(or beyond :data:`MAX_CLONED`) written in place. It never sees: objects of the standard
+library's or installed packages' classes mutated inside, objects held by such objects,
+containers nested deeper than two levels (or inside a container of more than
+:data:`MAX_SCANNED` items), other modules' globals, files, sockets, other processes.
 
 Example:
     >>> import torch
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import sys
 import types
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -72,7 +76,9 @@ MAX_SCANNED = 1_000
 # Module tables left to restored_state / functional_call.
 _MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 # Classes of these packages are not the user's: their attributes are not watched.
-_LIBRARY_PREFIXES = ("torch", "lightning", "pytorch_lightning", "transformers", "builtins")
+_LIBRARY_PREFIXES = (
+    "torch", "lightning", "pytorch_lightning", "transformers", "builtins", "grad_callbacks"
+)
 _CONTAINERS = (list, dict, set, collections.deque)
 #: Stands for an attribute that did not exist (see :meth:`PythonState.rebound`).
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
@@ -218,6 +224,23 @@ def _user_class(cls: type) -> bool:
     return not module.split(".")[0].startswith(_LIBRARY_PREFIXES)
 
 
+def _user_object(value: Any) -> bool:
+    """Whether ``value`` is an object of a class from the user's own code (not the standard
+    library, not an installed package), with an instance dictionary: ``self.tracker``."""
+    if isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType, functools.partial)):
+        return False
+    if isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        return False
+    if not isinstance(getattr(value, "__dict__", None), dict):
+        return False
+    name = getattr(type(value), "__module__", "") or ""
+    top = name.split(".")[0]
+    if top in sys.stdlib_module_names or top.startswith(_LIBRARY_PREFIXES):
+        return False
+    path = str(getattr(sys.modules.get(name), "__file__", "") or "")
+    return "site-packages" not in path and "dist-packages" not in path
+
+
 class PythonState:
     """A shallow picture of a module's Python state; see the module documentation.
 
@@ -254,6 +277,22 @@ class PythonState:
             for klass in type(sub).__mro__:
                 if _user_class(klass) and klass is not object:
                     classes.setdefault(id(klass), klass)
+        objects: dict[int, Any] = {}
+        for ns in list(namespaces):
+            for key, value in ns.values.items():
+                if id(value) not in objects and _user_object(value):
+                    objects[id(value)] = value
+                    own = value.__dict__
+                    namespaces.append(
+                        _Namespace(
+                            f"{ns.name}.{key}",
+                            "object",
+                            dict(own),
+                            own.__setitem__,
+                            lambda k, own=own: own.pop(k, None),
+                            lambda own=own: own,
+                        )
+                    )
         for klass in classes.values():
             namespaces.append(
                 _Namespace(

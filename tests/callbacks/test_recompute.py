@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import types
 import warnings
 from typing import Any
 
@@ -463,18 +464,12 @@ def test_counters_logged_values_and_checkpoints_are_as_without_the_audit(tmp_pat
     assert per_sample.report_entry()["recomputations"] == per_sample.recomputations
 
 
-class _Tracker:
-    """An object of the user's own that training_step updates: its inside is not put back."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.forward_calls = 0
-
-
 class _Tracked(zoo.MLP):
     def __init__(self) -> None:
         super().__init__()
-        self.tracker = _Tracker()
+        # An object of a standard-library class that training_step updates: its inside is not
+        # put back (only objects of the user's own classes are), so it counts the recomputations.
+        self.tracker = types.SimpleNamespace(calls=0, forward_calls=0)
         self.history: list[int] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

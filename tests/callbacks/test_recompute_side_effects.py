@@ -87,3 +87,42 @@ def test_a_file_opened_for_reading_and_writing_is_named_and_stops_recomputing(tm
     assert f"the file {str(path)!r} (opened with mode 'r+'" in skipped.message
     assert "stops recomputing" in skipped.message
     assert check.steps_checked == 1
+
+
+class _Tracker:
+    """An object of the user's own class: a running count and the losses seen."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.losses: list[float] = []
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.calls += 1
+        self.losses.append(float(loss.detach()))
+
+
+class _Tracked(zoo.MLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracker = _Tracker()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.tracker.update(loss)
+        return loss
+
+
+def test_an_object_of_the_users_class_is_as_without_the_audit() -> None:
+    """Before: ``self.tracker.update(loss)`` counted every recomputation (only the module's own
+    attributes were put back)."""
+
+    def run(audit: bool) -> _Tracker:
+        L.seed_everything(0)
+        module = _Tracked()
+        callbacks = [GradientAudit(on_finding="log", every_n_steps=1, max_overhead=None)]
+        zoo.fit(module, callbacks if audit else [])
+        return module.tracker
+
+    plain, audited = run(False), run(True)
+    assert plain.calls == len(zoo.regression_data()) == audited.calls
+    assert audited.losses == plain.losses

@@ -161,3 +161,26 @@ def test_tensors_beyond_the_clone_budget_are_only_watched(monkeypatch) -> None:
     net.cache["b"].add_(1)
     assert state.restore() == ["self.cache['b'] (written in place, too large to copy)"]
     assert torch.equal(net.cache["a"], torch.zeros(3))
+
+
+class _Box:
+    def __init__(self) -> None:
+        self.count = 0
+        self.items: list[int] = []
+
+
+def test_objects_of_the_users_classes_are_put_back_not_library_ones() -> None:
+    import types
+
+    net = nn.Linear(2, 2)
+    net.box, net.ns = _Box(), types.SimpleNamespace(count=0)
+    items = net.box.items
+    state = PythonState.capture(net)
+    net.box.count += 1
+    net.box.items.append(1)
+    net.box.extra = True
+    net.ns.count += 1
+    assert state.restore() == []
+    assert net.box.count == 0 and net.box.items is items and items == []
+    assert not hasattr(net.box, "extra")
+    assert net.ns.count == 1  # a standard-library object: not watched
