@@ -100,16 +100,17 @@ def test_batchnorm_under_a_token_mean_is_explained_and_weighted() -> None:
     assert "reduction-weighted" in _codes(check.findings)
 
 
+class InBatchNegatives(zoo.MLP):
+    """A contrastive loss: each sample's positive is its own target, the others' targets are
+    its negatives. One sample alone has a softmax over one entry: no gradient."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        scores = self.net(x) @ y.T  # (B, B)
+        return F.cross_entropy(scores, torch.arange(len(x)))
+
+
 def test_in_batch_negatives_give_finite_messages() -> None:
-    class InBatchNegatives(zoo.MLP):
-        """A contrastive loss: each sample's positive is its own target, the others' targets
-        are its negatives. One sample alone has a softmax over one entry: no gradient."""
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            scores = self.net(x) @ y.T  # (B, B)
-            return F.cross_entropy(scores, torch.arange(len(x)))
-
     check = _check(check_optimizer_grad=False)
     zoo.fit(InBatchNegatives(), [check], data=zoo.regression_data(n=16, batch_size=8))
     coupling = [f for f in check.findings if f.code == "batch-coupling"]
@@ -118,6 +119,33 @@ def test_in_batch_negatives_give_finite_messages() -> None:
         assert "nan" not in finding.message.lower() and "inf " not in finding.message.lower()
     assert "one sample alone gives no gradient" in coupling[0].message
     assert coupling[0].data["in_the_loss"] is True
+    assert coupling[0].severity == "warning" and "coupled_loss=True" in coupling[0].message
+
+
+def test_coupling_declared_in_the_loss_is_info_and_the_rest_is_still_compared() -> None:
+    check = _check(coupled_loss=True)
+    zoo.fit(InBatchNegatives(), [check], data=zoo.regression_data(n=16, batch_size=8))
+    assert _alarms(check.findings) == []
+    (coupling,) = [f for f in check.findings if f.code == "batch-coupling"]
+    assert coupling.severity == "info" and coupling.data["declared"] is True
+    assert check.settings()["coupled_loss"] is True
+    # the grad-mismatch replay still runs on the declared loss
+    assert check.report_entry()["recomputations"] > 0 and check.steps_checked == 2
+
+
+def test_declared_coupling_does_not_hide_coupling_elsewhere() -> None:
+    class CentredInputs(zoo.MLP):
+        """A per-sample loss on inputs centred over the batch: the coupling is not the loss's
+        (one sample alone still has a gradient), so the declaration does not cover it."""
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self.net(x - x.mean(0)), y)
+
+    check = _check(coupled_loss=True, check_optimizer_grad=False)
+    zoo.fit(CentredInputs(), [check], data=zoo.regression_data(n=16, batch_size=8))
+    (coupling,) = [f for f in check.findings if f.code == "batch-coupling"]
+    assert coupling.severity == "warning" and coupling.data["in_the_loss"] is False
 
 
 # ------------------------------------------------------------------ accumulation weighting

@@ -90,6 +90,11 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
         recompute: False forbids running ``training_step`` (or the model) again: the check
             then does nothing and reports ``check-skipped`` once (everything it compares is a
             recomputation).
+        coupled_loss: the loss couples the samples by design (in-batch negatives of a
+            contrastive loss, a softmax over the batch axis): a ``batch-coupling`` whose
+            coupling is in the loss itself (one sample alone gives no gradient, or the same for
+            every sample) is then reported as info, not as a warning. Coupling found elsewhere
+            stays a warning.
 
     Example:
         >>> import lightning as L
@@ -114,6 +119,7 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
         outlier_share: float = 0.5,
         check_optimizer_grad: bool = True,
         recompute: bool = True,
+        coupled_loss: bool = False,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, on_finding=on_finding)
         if max_samples < 2:
@@ -126,6 +132,7 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
         self.outlier_share = outlier_share
         self.check_optimizer_grad = check_optimizer_grad
         self.recompute = recompute
+        self.coupled_loss = coupled_loss
         # Counts the recomputations and keeps what they could not put back.
         self._record = Recomputations()
         self._window: list[_MicroBatch] = []
@@ -157,6 +164,7 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
             "outlier_share": self.outlier_share,
             "check_optimizer_grad": self.check_optimizer_grad,
             **({"recompute": False} if not self.recompute else {}),
+            **({"coupled_loss": True} if self.coupled_loss else {}),
         }
 
     def extra_state(self) -> dict[str, Any]:

@@ -213,6 +213,7 @@ class _PerSampleJudging:
             size=comparison.size,
             tol=tol,
             alone=_alone(measured),
+            coupled_loss=self.coupled_loss,
         ):
             self.report(finding)
 

@@ -89,7 +89,9 @@ def sample_findings(
     return []
 
 
-def _coupled_message(reduction: Reduction, n: int, size: int, tol: float, alone: str | None) -> str:
+def _coupled_message(
+    reduction: Reduction, n: int, size: int, tol: float, alone: str | None, declared: bool
+) -> str:
     worst = worst_params(reduction.param_residual)
     where = (
         f"Largest residuals in {', '.join(f'{k} ({v:.3g})' for k, v in worst)}"
@@ -97,12 +99,18 @@ def _coupled_message(reduction: Reduction, n: int, size: int, tol: float, alone:
         else "No parameter's residual could be computed"
     )
     if alone is not None:
-        return (
+        found = (
             f"one sample alone gives {alone} gradient (over the {_of(n, size)} compared) while "
             f"the batch does: the coupling is in the loss itself (in-batch negatives as in a "
-            f"contrastive loss, a softmax or normalisation over the batch axis). If that is "
-            f"intended, leave PerSampleGradientCheck out (GradientAudit(checks=[...])) or use "
-            f"on_finding='log'; otherwise look for the operation that mixes samples. {where}"
+            f"contrastive loss, a softmax or normalisation over the batch axis)"
+        )
+        if declared:
+            return f"{found}, as declared (coupled_loss=True). {where}"
+        return (
+            f"{found}. If that is intended, declare it: PerSampleGradientCheck(coupled_loss=True)"
+            f" (in GradientAudit(checks=[...]) beside the other checks), which reports it as "
+            f"info and keeps every other comparison; otherwise look for the operation that "
+            f"mixes samples. {where}"
         )
     fitted = "the best per-sample weighting" if reduction.weighted else "equal weights"
     return (
@@ -125,6 +133,7 @@ def reduction_findings(
     size: int,
     tol: float,
     alone: str | None = None,
+    coupled_loss: bool = False,
 ) -> list[Finding]:
     """``reduction-sum``, ``reduction-scale``, ``reduction-weighted`` or ``batch-coupling`` for a
     reduction verdict (nothing for a mean, or a sum over a count the batch carries)."""
@@ -165,14 +174,16 @@ def reduction_findings(
         # Every parameter over the tolerance, in module order: a key stable across steps.
         names = _over(reduction.param_residual, tol) or tuple(name for name, _ in worst[:1])
         modules = sorted({_module_of(name) for name in names})
+        declared = coupled_loss and alone is not None
         return [
             make_finding(
                 "batch-coupling",
+                severity="info" if declared else None,
                 check=CHECK,
                 step=step,
                 params=names,
                 message=(
-                    f"{_coupled_message(reduction, n, size, tol, alone)}; modules "
+                    f"{_coupled_message(reduction, n, size, tol, alone, declared)}; modules "
                     f"{', '.join(modules)}. Fix: {CODES['batch-coupling'].fix}."
                 ),
                 data={
@@ -183,6 +194,7 @@ def reduction_findings(
                     "modules": modules,
                     "weighted_fit": reduction.weighted,
                     "in_the_loss": alone is not None,
+                    "declared": declared,
                 },
             )
         ]
