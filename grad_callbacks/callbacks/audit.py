@@ -82,11 +82,12 @@ _OWN_HOOKS = {
 }
 _HOOKS = [name for name in CALLBACK_HOOKS if name not in _OWN_HOOKS]
 
-#: Share of the overhead budget given to each expensive periodic check.
-BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.5}
+#: Share of the overhead budget given to each periodic check the budget spaces (never more often
+#: than its every_n_steps).
+BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.5, "GradientMonitor": 0.1}
 #: Share of the overhead budget given to the checks that work at every step (those with
-#: ``watches_steps``: ZeroGradCheck, GradientSanityCheck). The rest is left to the cheap
-#: periodic checks and to calling the checks' hooks.
+#: ``watches_steps``: ZeroGradCheck, GradientSanityCheck). The fixed cost (calling the checks'
+#: hooks, the sentinels, the cheap checks) is taken out of the budget before any share.
 WATCH_SHARE = 0.4
 #: Optimizer steps per watch window (at least a GradientSanityCheck's patience + 1).
 WATCH_WINDOW_STEPS = 4

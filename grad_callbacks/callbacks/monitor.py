@@ -54,6 +54,11 @@ class GradientMonitor(AuditCallback):
     module, and a single host transfer. It never writes to ``.grad`` or to a parameter, and
     reports no findings.
 
+    Inside ``GradientAudit`` with an overhead budget, a round of monitoring costs at most its
+    share of the budget: after a round the monitor skips the multiples of ``every_n_steps``
+    that come before its cost is paid back (on a millisecond step, a round every few hundred
+    steps instead of every 50; never more often than ``every_n_steps``).
+
     Args:
         every_n_steps: monitor the steps whose ``global_step`` is a multiple of this.
         per_parameter: one norm, ratio and histogram per parameter instead of per module.
@@ -91,6 +96,11 @@ class GradientMonitor(AuditCallback):
         #: Per optimizer, the global step of its previous step (the step before fit's first
         #: until it steps): it is monitored when a multiple of every_n_steps lies after it.
         self._previous: list[int] = []
+        # Under GradientAudit's overhead budget: the multiple monitored last, and the step below
+        # which no later multiple is (the other optimizers still get the last one).
+        self._last_multiple: int | None = None
+        self._hold_below = 0
+        self._round_started = 0.0
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -115,6 +125,16 @@ class GradientMonitor(AuditCallback):
         self._optimizers = list(trainer.optimizers)
         self._pending = []
         self._previous = [trainer.global_step - 1] * len(self._optimizers)
+        self._last_multiple, self._hold_below = None, 0
+
+    def _next_multiple(self, previous: int) -> int:
+        """The multiple of every_n_steps at whose first step an optimizer whose previous step
+        was ``previous`` is monitored next (past those the budget holds back)."""
+        n = self.every_n_steps
+        multiple = (previous // n + 1) * n
+        if multiple != self._last_multiple and multiple < self._hold_below:
+            multiple = -(-self._hold_below // n) * n
+        return multiple
 
     def next_busy_step(self, step: int) -> int | None:
         if self._pending or self._pending_scalars or not self._previous:
@@ -124,8 +144,7 @@ class GradientMonitor(AuditCallback):
         # An optimizer is monitored at its first step at or after a multiple of every_n_steps
         # that lies after its previous step: none before the next multiple after the earliest
         # previous step (the steps in between fall where each optimizer's previous step does).
-        n = self.every_n_steps
-        return max(step, (min(self._previous) // n + 1) * n)
+        return max(step, min(self._next_multiple(p) for p in self._previous))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -138,8 +157,15 @@ class GradientMonitor(AuditCallback):
         if index is None:
             return
         previous, self._previous[index] = self._previous[index], step
-        if step // self.every_n_steps == previous // self.every_n_steps:
+        n = self.every_n_steps
+        if step // n == previous // n:
             return  # no multiple of every_n_steps in (previous, step]
+        multiple = step // n * n
+        if multiple != self._last_multiple and multiple < self._hold_below:
+            return  # GradientAudit's budget holds this multiple back
+        if not self._pending:
+            self._round_started = self.seconds_spent
+        self._last_multiple = multiple
         with self.timed(), self.guarded("the gradient monitor"):
             named = [
                 (self._names.get(id(p), f"optimizer{index}.param{j}"), p)
@@ -168,6 +194,12 @@ class GradientMonitor(AuditCallback):
         if self._pending:
             with self.timed(), self.guarded("the gradient monitor"):
                 self._read(trainer)
+            if self.budget is not None and self._last_multiple is not None:
+                # Under GradientAudit's budget, the next multiples wait as long as this round's
+                # cost and the monitor's share of the budget ask (never less than every_n_steps).
+                cost = self.seconds_spent - self._round_started
+                wait = self.budget.interval(cost, self.budget_share)
+                self._hold_below = self._last_multiple + wait
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     # ------------------------------------------------------------------ internals

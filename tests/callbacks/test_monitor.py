@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from grad_callbacks import GradientAudit
 from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.core.monitor import decode_histogram, group_label, histogram_row, observe
 from tests import zoo
@@ -298,3 +299,46 @@ def test_observe_reads_only() -> None:
     expected = torch.cat([g.flatten() for g in grads[:2]]).norm()
     assert result.grad_norms["0"] == pytest.approx(float(expected), rel=1e-6)
     assert group_label("w") == "w"
+
+
+def _budgeted(interval: int | None, every: int = 4) -> tuple[GradientAudit, GradientMonitor]:
+    """GradientAudit with only a monitor, whose budget asks ``interval`` steps between rounds
+    (None: no budget)."""
+    monitor = GradientMonitor(every_n_steps=every, histograms=False)
+    audit = GradientAudit(
+        checks=[monitor], on_finding="log", max_overhead=None if interval is None else 0.03
+    )
+    if audit.budget is not None:
+        audit.budget.interval = lambda run_seconds, share: interval  # type: ignore[method-assign]
+    return audit, monitor
+
+
+@pytest.mark.parametrize(
+    ("interval", "expected"),
+    [(None, [0, 4, 8, 12]), (1, [0, 4, 8, 12]), (6, [0, 8]), (10**6, [0])],
+)
+def test_under_the_audits_budget_rounds_wait_as_their_cost_asks(
+    interval: int | None, expected: list[int]
+) -> None:
+    """The budget spaces the monitor's rounds (never closer than every_n_steps): after the round
+    at multiple m, the next is at the first multiple from m + the budget's interval on."""
+    logger = zoo.RecordingLogger()
+    audit, monitor = _budgeted(interval)
+    zoo.fit(zoo.MLP(), [audit], data=zoo.regression_data(n=4 * 14), logger=logger)
+    steps = sorted(s for s, m in logger.metrics.items() if PREFIX + "grad_norm/total" in m)
+    assert steps == expected
+    assert monitor.steps_checked == len(expected)
+
+
+def test_under_the_budget_every_optimizer_still_gets_the_round() -> None:
+    """Two optimizers stepping at alternate steps: a round held back holds back both; a round
+    that runs runs for both (the generator at the step after the discriminator's)."""
+    logger = zoo.RecordingLogger()
+    audit, _ = _budgeted(6)
+    zoo.fit(zoo.GAN("toggle"), [audit], data=zoo.gan_data(), logger=logger)
+
+    def steps(tag: str) -> list[int]:
+        return sorted(s for s, m in logger.metrics.items() if PREFIX + tag in m)
+
+    assert steps("grad_norm/total_opt1") == [0, 8]
+    assert steps("grad_norm/total_opt0") == [1, 9]
