@@ -25,7 +25,10 @@ def test_sanity_and_monitor_share_one_pass_of_gradient_norms_per_step() -> None:
 
 def test_shared_norms_give_the_monitor_the_same_numbers_as_its_own() -> None:
     # The oracle: the monitor alone computes its norms itself.
-    shared, _ = _train(GradientAudit([GradientSanityCheck, GradientMonitor], every_n_steps=1))
+    # max_overhead=None: every step monitored (a budget would space the monitor's rounds).
+    checks = [GradientSanityCheck, GradientMonitor]
+    audit = GradientAudit(checks, every_n_steps=1, max_overhead=None)
+    shared, _ = _train(audit)
     alone, _ = _train(GradientMonitor(every_n_steps=1))
     tags = [t for t in alone.metrics[0] if t.startswith("grad_audit/monitor/grad_norm/")]
     assert tags
