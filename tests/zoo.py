@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -33,6 +35,17 @@ def image_data(n: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
+_FIT_ROOT: list[str] = []
+
+
+def _fit_root() -> str:
+    """One temporary directory for the runs of this test process, removed when it exits."""
+    if not _FIT_ROOT:
+        _FIT_ROOT.append(tempfile.mkdtemp(prefix="grad_audit_tests_"))
+        atexit.register(shutil.rmtree, _FIT_ROOT[0], ignore_errors=True)
+    return _FIT_ROOT[0]
+
+
 def fit(
     module: L.LightningModule,
     callbacks: Sequence[L.Callback] = (),
@@ -49,7 +62,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=tempfile.mkdtemp(prefix="grad_audit_test_"),
+        default_root_dir=tempfile.mkdtemp(dir=_fit_root()),
     )
     kwargs.update(trainer_kwargs)
     trainer = L.Trainer(callbacks=list(callbacks), **kwargs)
