@@ -244,12 +244,13 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn,vit,gan")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-latency", action="store_true", help="the cost only")
+    parser.add_argument("--no-cost", action="store_true", help="the latency only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     costs: list[tuple[str, dict[str, Any]]] = []
     for name in args.models.split(","):
-        cost = overhead(name, args.steps, args.repeats)
+        cost = None if args.no_cost else overhead(name, args.steps, args.repeats)
         for bug in () if args.no_latency else BUGS[name]:
             found = latency(name, bug, args.onset, args.after)
             rows.append((name, bug, found, cost))
@@ -262,6 +263,8 @@ def main() -> None:
                 f"(bound {LATENCY_BOUNDS[CODES[bug]]}){named}",
                 flush=True,
             )
+        if cost is None:
+            continue
         costs.append((name, cost))
         print(
             f"{name:4s} step {cost['step_ms']:.2f} ms | steady ratios to no callback (fastest / "
@@ -273,7 +276,20 @@ def main() -> None:
             f"{cost['load'][0]:.1f}-{cost['load'][1]:.1f}",
             flush=True,
         )
+    if costs:
+        print()
+        _cost_table(costs)
+    if not rows:
+        return
     print()
+    print("| model | bug | steps to finding (bound) |")
+    print("|---|---|---|")
+    for name, bug, found, _ in rows:
+        steps = "not found" if found["steps"] is None else str(found["steps"])
+        print(f"| {name} | {bug} | {steps} ({LATENCY_BOUNDS[CODES[bug]]}) |")
+
+
+def _cost_table(costs: list[tuple[str, dict[str, Any]]]) -> None:
     print("| model | step (ms) | audit: wall / cpu ratio, fastest (median) | a callback doing "
           "nothing: wall / cpu | audit's steady measure | one-time (s / steps) | watched | "
           "load |")
@@ -287,14 +303,6 @@ def main() -> None:
             f"{cost['one_time_steps']:.0f} | {cost['watched']:.2f} | {cost['load'][0]:.1f}-"
             f"{cost['load'][1]:.1f} |"
         )
-    if not rows:
-        return
-    print()
-    print("| model | bug | steps to finding (bound) |")
-    print("|---|---|---|")
-    for name, bug, found, _ in rows:
-        steps = "not found" if found["steps"] is None else str(found["steps"])
-        print(f"| {name} | {bug} | {steps} ({LATENCY_BOUNDS[CODES[bug]]}) |")
 
 
 if __name__ == "__main__":
