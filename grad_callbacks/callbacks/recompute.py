@@ -6,8 +6,8 @@ BatchNorm updates its running statistics, torchmetrics objects accumulate, and i
 optimization ``training_step`` even steps the optimizers. :func:`isolated` undoes or prevents
 all of them:
 
-* ``self.log`` / ``self.log_dict`` are muted (instance attributes shadowing the methods, removed
-  afterwards);
+* ``self.log`` / ``self.log_dict`` / ``self.print`` are muted (instance attributes shadowing
+  the methods, removed afterwards);
 * with a trainer (the one given, else the one the module is attached to), nothing is stepped or
   cleared: ``manual_backward``, the module's ``zero_grad``, the optimizer toggles and
   ``clip_gradients`` do nothing, ``optimizers()`` / ``lr_schedulers()`` return stand-ins whose

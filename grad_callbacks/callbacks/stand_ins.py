@@ -162,7 +162,9 @@ class _StubScheduler:
 
 
 def _stand_ins(trainer: Any | None, manual: ManualSteps | None = None) -> dict[str, Any]:
-    stubs: dict[str, Any] = {"log": _noop, "log_dict": _noop}
+    # self.print goes to the progress bar (tqdm.write / rich's console), past the redirected
+    # sys.stdout of the recomputation's quiet block.
+    stubs: dict[str, Any] = {"log": _noop, "log_dict": _noop, "print": _noop}
     if trainer is not None:
         optimizers = [_StubOptimizer(o, manual) for o in trainer.optimizers]
         schedulers = [_StubScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
@@ -278,9 +280,9 @@ def _inert_optimizers(trainer: Any, manual: ManualSteps | None = None) -> Iterat
 def stood_in(
     module: nn.Module, trainer: Any | None = None, manual: ManualSteps | None = None
 ) -> Iterator[None]:
-    """Mute ``self.log`` / ``self.log_dict``; with ``trainer``, also every route to its
-    optimizers and schedulers (the module's optimizer methods and the real objects), which
-    ``manual`` records when given.
+    """Mute ``self.log`` / ``self.log_dict`` / ``self.print``; with ``trainer``, also every
+    route to its optimizers and schedulers (the module's optimizer methods and the real
+    objects), which ``manual`` records when given.
 
     Any instance attribute of the same name that existed before is put back afterwards.
     """
