@@ -186,6 +186,7 @@ class AutogradCheck(AuditCallback):
         >>> check.run_now()  # check again at the next training batch
     """
 
+    reruns_training_step = True
     check_name = "AutogradCheck"
     metric_prefix = "autograd"
     live_attributes = ("_functions",)

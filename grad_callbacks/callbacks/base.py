@@ -229,6 +229,10 @@ class AuditCallback(pl.Callback):
     #: so that it cannot run under a strategy that shards them (FSDP, DeepSpeed).
     needs_whole_gradients: ClassVar[bool] = True
 
+    #: Whether the check runs ``training_step`` again with the step's batch (it cannot when
+    #: ``training_step`` takes Lightning's ``dataloader_iter`` and draws the batch itself).
+    reruns_training_step: ClassVar[bool] = False
+
     #: Whether the check works at every step and can watch some batches only: GradientAudit's
     #: overhead budget then has it watch windows of consecutive batches
     #: (:class:`~grad_callbacks.core.budget.WatchWindows`), calling :meth:`stop_watching` and
@@ -477,6 +481,13 @@ class AuditCallback(pl.Callback):
                     f"the {sharded} strategy shards parameters and gradients across processes, "
                     f"and {self.check_name} needs whole gradients on every process; it runs "
                     f"on a single device and under DDP"
+                )
+            elif self.reruns_training_step and _draws_its_own_batch(pl_module):
+                self._inactive = True
+                self.skip(
+                    f"training_step(dataloader_iter) draws its batch from the iterator itself, "
+                    f"and {self.check_name} runs training_step again on the step's batch; it "
+                    f"does not run"
                 )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -744,6 +755,15 @@ def run_log_dir(trainer: pl.Trainer) -> str | None:
     if isinstance(logger, (TensorBoardLogger, CSVLogger)):
         return str(logger.log_dir)
     return str(logger.save_dir or trainer.default_root_dir)
+
+
+def _draws_its_own_batch(pl_module: pl.LightningModule) -> bool:
+    """Whether ``training_step`` takes ``dataloader_iter`` (Lightning then hands it the iterator,
+    not a batch)."""
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    step = getattr(pl_module, "training_step", None)
+    return callable(step) and is_param_in_hook_signature(step, "dataloader_iter", explicit=True)
 
 
 def audit_callbacks(trainer: pl.Trainer) -> list[AuditCallback]:

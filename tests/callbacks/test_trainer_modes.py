@@ -66,3 +66,36 @@ def test_fit_with_validation_keeps_validation_metrics() -> None:
         results.append(dict(trainer.callback_metrics))
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+class FromIterator(zoo.MLP):
+    """``training_step(dataloader_iter)``: the step draws its batch itself (Lightning's
+    test_fetchers.py), so no check can hand it the batch again."""
+
+    def __init__(self, manual: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = not manual
+
+    def training_step(self, dataloader_iter: Any) -> torch.Tensor | None:  # type: ignore[override]
+        (x, y), _, _ = next(dataloader_iter)
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return None
+
+
+def test_a_training_step_that_draws_from_dataloader_iter_is_not_run_again() -> None:
+    for manual in (False, True):
+        audit = GradientAudit(on_finding="log", every_n_steps=1, max_overhead=None)
+        trainer = zoo.fit(FromIterator(manual), [audit], limit_train_batches=4)
+        assert trainer.global_step == 4
+        failed = [f.message for f in audit.findings if " failed: " in f.message]
+        assert failed == [], failed
+        skipped = {f.check for f in audit.findings if f.code == "check-skipped"
+                   and "dataloader_iter" in f.message}
+        assert skipped >= {"PerSampleGradientCheck", "AutogradCheck"}, audit.findings
+        assert _alarms(audit) == []

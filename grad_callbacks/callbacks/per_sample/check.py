@@ -102,6 +102,7 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
         >>> trainer = L.Trainer(callbacks=[check])  # doctest: +SKIP
     """
 
+    reruns_training_step = True
     check_name = "PerSampleGradientCheck"
     metric_prefix = "per_sample"
     live_attributes = ("_window", "_manual", "_kept", "_last_stepped")
