@@ -9,6 +9,10 @@ nothing when the live parameters are its only leaves. Other threads call the ori
 block that records a manual-optimization step
 (:class:`~grad_callbacks.callbacks.stand_ins.ManualSteps`), the loss is handed to the recorder
 instead.
+
+The gradients the live parameters hold are kept apart as well (:func:`_held_grads_kept`): the
+step's own code that edits them in place (``clip_grad_norm_`` before a manual ``opt.step()``)
+edits copies.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from grad_callbacks.callbacks.stand_ins import ManualSteps
 
@@ -139,10 +143,8 @@ def _live_grads_guarded(
     replacing that attribute for the block covers both.
     """
     global _guard_users, _guard_saved
-    live = {id(p) for p in module.parameters()}
-    for opt in getattr(trainer, "optimizers", None) or ():
-        for group in getattr(opt, "param_groups", None) or ():
-            live.update(id(p) for p in group.get("params", ()))
+    params = _live_params(module, trainer)
+    live = {id(p) for p in params}
     with _guard_lock:
         if _guard_users == 0:
             _guard_saved = torch.autograd.backward
@@ -153,7 +155,7 @@ def _live_grads_guarded(
         stack = _guard_local.stack = []
     stack.append(live)
     try:
-        with _recording_backward(manual):
+        with _recording_backward(manual), _held_grads_kept(params):
             yield
     finally:
         stack.pop()
@@ -162,3 +164,28 @@ def _live_grads_guarded(
             if _guard_users == 0:
                 torch.autograd.backward = _guard_saved
                 _guard_saved = None
+
+
+def _live_params(module: nn.Module, trainer: Any | None) -> list[Tensor]:
+    """The module's parameters and the trainer's optimizers' parameters, each once."""
+    params = {id(p): p for p in module.parameters()}
+    for opt in getattr(trainer, "optimizers", None) or ():
+        for group in getattr(opt, "param_groups", None) or ():
+            params.update((id(p), p) for p in group.get("params", ()))
+    return list(params.values())
+
+
+@contextmanager
+def _held_grads_kept(params: list[Tensor]) -> Iterator[None]:
+    """During the block each parameter's ``.grad`` is a copy; the original tensor (untouched)
+    is put back after it. A recomputed manual step clips or rescales gradients in place
+    (``clip_grad_norm_(self.parameters(), ...)``); the real ones carry over to the next step
+    where ``zero_grad`` is not called."""
+    held = [(p, p.grad) for p in params if p.grad is not None]
+    for p, g in held:
+        p.grad = g.detach().clone()
+    try:
+        yield
+    finally:
+        for p, g in held:
+            p.grad = g

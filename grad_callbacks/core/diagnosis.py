@@ -164,6 +164,24 @@ def relative_error(seen: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -
     return (diff / ref.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
 
 
+def norm_clip_scale(
+    seen: Mapping[str, Tensor], expected: Mapping[str, Tensor], tol: float
+) -> float | None:
+    """The factor ``c`` in ``(0, 1)`` with ``seen == c * expected`` within ``tol`` (relative), or
+    None: what ``torch.nn.utils.clip_grad_norm_`` (or ``LightningModule.clip_gradients``) leaves
+    of ``expected`` when the norm exceeded the limit: every gradient scaled by one factor below 1.
+    """
+    dot = torch.stack([(seen[k].double() * v.double()).sum() for k, v in expected.items()]).sum()
+    ref = torch.stack([v.double().square().sum() for v in expected.values()]).sum()
+    if float(ref) <= 0.0:
+        return None
+    c = float(dot / ref)
+    if not 0.0 < c < 1.0 - tol:
+        return None
+    scaled = {k: v * c for k, v in expected.items()}
+    return c if float(relative_error(seen, scaled)) <= tol else None
+
+
 def worst_params(per_param: Mapping[str, Tensor], k: int = 5) -> list[tuple[str, float]]:
     """The ``k`` entries with the largest values, as ``(name, value)``."""
     values = torch.stack([v.double() for v in per_param.values()]).tolist()

@@ -59,7 +59,12 @@ from grad_callbacks.callbacks.per_sample.replay import (
 )
 from grad_callbacks.callbacks.per_sample.verdicts import mismatch_finding
 from grad_callbacks.callbacks.recompute import Recomputations, capture_rng, capture_state
-from grad_callbacks.core.diagnosis import MISMATCH_TOL, RunNormScale, relative_error
+from grad_callbacks.core.diagnosis import (
+    MISMATCH_TOL,
+    RunNormScale,
+    norm_clip_scale,
+    relative_error,
+)
 from grad_callbacks.core.per_sample import PerSampleStats
 from grad_callbacks.core.per_sample.loss import dense
 from grad_callbacks.core.per_sample.weights import Reduction, Weighting
@@ -364,13 +369,19 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
         live: Mapping[str, Tensor],
         recomputed: Mapping[str, Tensor],
         microbatches: int,
+        clipped_by_hand: bool = False,
     ) -> None:
+        """``clipped_by_hand``: manual optimization, where the step's own gradient clipping
+        (``clip_grad_norm_`` before ``opt.step()``) ran before the gradient was read."""
         self._compared = True
-        error = float(relative_error(live, recomputed))
         precision = str(trainer.precision)
         tol = MISMATCH_TOL[
             "mixed" if "mixed" in precision else "64" if "64" in precision else "32"
         ]
+        scale = norm_clip_scale(live, recomputed, tol) if clipped_by_hand else None
+        if scale is not None:
+            recomputed = {k: v * scale for k, v in recomputed.items()}
+        error = float(relative_error(live, recomputed))
         self.queue_scalars({"optimizer_grad_error": error})
         if error > tol:
             per_param = {k: relative_error({k: live[k]}, {k: recomputed[k]}) for k in recomputed}

@@ -6,7 +6,9 @@ gradients held then), at each ``on_before_optimizer_step`` (the optimizer, its g
 every stepped parameter's value), and checked at its end: ``training_step`` is replayed with the
 optimizers inert and recording, and the losses handed to ``manual_backward`` before each
 optimizer step are that step's loss, checked per sample and against the gradient the optimizer
-stepped on (:mod:`~grad_callbacks.callbacks.per_sample.manual`).
+stepped on (:mod:`~grad_callbacks.callbacks.per_sample.manual`). That gradient is read after
+the step's own clipping: one that is the loss gradient scaled by a single factor below 1 is taken
+as clipped by norm (``clip_grad_norm_``, ``self.clip_gradients``) and compared as such.
 
 Hand-written accumulation (``manual_backward`` on every batch, ``opt.step()`` every k batches)
 leaves batches that step nothing: the batches of a due step are kept (a reference each, numbered
@@ -215,7 +217,9 @@ class _ManualChecks:
                     continue
                 live = {k: live[k] for k in recomputed}
                 if bool(torch.stack([torch.isfinite(g).all() for g in live.values()]).all()):
-                    self._judge_mismatch(trainer, live, recomputed, microbatches=1)
+                    self._judge_mismatch(
+                        trainer, live, recomputed, microbatches=1, clipped_by_hand=True
+                    )
 
     def _keep(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: _ManualBatch
