@@ -88,6 +88,24 @@ def image_loader(n: int = 16, batch_size: int = 4, size: int = 16, classes: int 
     return DataLoader(items, batch_size=batch_size)
 
 
+def audio_loader(n: int = 32, batch_size: int = 8, length: int = 400) -> DataLoader:
+    """Raw audio of random lengths (zero-padded, ``attention_mask``) with CTC labels (``-100``
+    padded)."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(n):
+        real = int(torch.randint(length * 3 // 4, length + 1, (), generator=g))
+        labels = torch.full((6,), -100)
+        k = int(torch.randint(2, 7, (), generator=g))
+        labels[:k] = torch.randint(1, 16, (k,), generator=g)
+        items.append({
+            "input_values": F.pad(torch.randn(real, generator=g), (0, length - real)),
+            "attention_mask": (torch.arange(length) < real).long(),
+            "labels": labels,
+        })
+    return DataLoader(items, batch_size=batch_size)
+
+
 def sequence_loader(
     n: int = 32, length: int = 10, batch_size: int = 8, vocab: int = VOCAB
 ) -> DataLoader:
@@ -105,7 +123,8 @@ class HFModule(L.LightningModule):
     Args:
         kind: ``"gpt2"`` (causal LM, tied embeddings), ``"llama"`` (causal LM, RMSNorm, rotary),
             ``"bert"`` (sequence classification), ``"t5"`` / ``"bart"`` (seq2seq with -100 labels),
-            ``"vit"`` (image classification).
+            ``"vit"`` (image classification), ``"wav2vec2"`` (CTC on padded raw audio, with
+            SpecAugment time masks drawn from NumPy's global generator).
         gradient_checkpointing: turn on the model's gradient checkpointing.
         lr: SGD learning rate.
         packed_attention: plant a batch-mixing bug: every attention layer runs
@@ -189,6 +208,14 @@ def build_hf_model(kind: str) -> nn.Module:
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **small,
         )
         return tf.ViTForImageClassification(config)
+    if kind == "wav2vec2":
+        config = tf.Wav2Vec2Config(
+            vocab_size=16, num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+            conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), feat_extract_norm="layer",
+            do_stable_layer_norm=True, mask_time_prob=0.2, mask_time_length=2, pad_token_id=0,
+            ctc_loss_reduction="mean", layerdrop=0.0, **small,
+        )
+        return tf.Wav2Vec2ForCTC(config)
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -238,6 +265,8 @@ def hf_loader(kind: str, batch_size: int = 8, n: int = 32) -> DataLoader:
         return image_loader(n=n, batch_size=batch_size)
     if kind == "bert":
         return token_loader(batch_size=batch_size, n=n, text=True, num_labels=3)
+    if kind == "wav2vec2":
+        return audio_loader(n=n, batch_size=batch_size)
     return token_loader(batch_size=batch_size, n=n)
 
 

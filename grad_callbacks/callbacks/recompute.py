@@ -94,6 +94,7 @@ from torch import nn
 from grad_callbacks.callbacks.backward_guard import _live_grads_guarded
 from grad_callbacks.callbacks.file_guard import files_guarded
 from grad_callbacks.callbacks.stand_ins import ManualSteps, stood_in
+from grad_callbacks.core.isolation import forked_host_rng, numpy_random
 from grad_callbacks.core.per_sample import run_eagerly
 from grad_callbacks.core.python_state import PythonState
 from grad_callbacks.core.state import BufferValues, restored_state
@@ -147,15 +148,7 @@ class RngState:
         if self.python is not None:
             random.setstate(self.python)
         if self.numpy is not None:
-            _numpy_random().set_state(self.numpy)
-
-
-def _numpy_random() -> Any:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
-        return None
-    return np.random
+            numpy_random().set_state(self.numpy)
 
 
 def capture_rng() -> RngState:
@@ -163,7 +156,7 @@ def capture_rng() -> RngState:
     cuda: tuple[torch.Tensor, ...] = ()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = tuple(torch.cuda.get_rng_state_all())
-    np_random = _numpy_random()
+    np_random = numpy_random()
     return RngState(
         cpu=torch.get_rng_state(),
         cuda=cuda,
@@ -206,19 +199,6 @@ def _restored_metrics(module: nn.Module) -> Iterator[None]:
         for metric, state in saved:
             for k, v in state.items():
                 setattr(metric, k, v)
-
-
-@contextmanager
-def _forked_host_rng() -> Iterator[None]:
-    np_random = _numpy_random()
-    py_state = random.getstate()
-    np_state = np_random.get_state() if np_random is not None else None
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        if np_random is not None:
-            np_random.set_state(np_state)
 
 
 @dataclass
@@ -361,7 +341,7 @@ def isolated(
         stack.enter_context(stood_in(module, trainer, manual))
         stack.enter_context(_live_grads_guarded(module, trainer, manual))
         stack.enter_context(files_guarded(record.lost if record is not None else []))
-        stack.enter_context(_forked_host_rng())
+        stack.enter_context(forked_host_rng())
         stack.enter_context(torch.random.fork_rng(devices=devices, enabled=True))
         if rng_state is not None:
             rng_state.apply()

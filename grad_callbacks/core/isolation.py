@@ -1,17 +1,53 @@
 """Run user code aside without changing how the live run behaves: BatchNorm in eval mode for a
-block, compiled code run eagerly for a block. Every flag is put back on exit, even on error.
+block, compiled code run eagerly for a block, the host random streams (Python's ``random``,
+NumPy's global generator) forked for a block. Every flag is put back on exit, even on error.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["batchnorm_eval", "cuda_devices", "run_eagerly"]
+__all__ = ["batchnorm_eval", "cuda_devices", "forked_host_rng", "numpy_random", "run_eagerly"]
+
+
+def numpy_random() -> Any:
+    """``numpy.random`` (its global generator), or None without NumPy."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        return None
+    return np.random
+
+
+@contextmanager
+def forked_host_rng() -> Iterator[None]:
+    """Put Python's ``random`` and NumPy's global generator back to their state at entry on
+    exit (user code run aside may draw from them: SpecAugment-style masks, augmentation).
+
+    Example:
+        >>> import random
+        >>> before = random.random(); _ = random.seed(0)
+        >>> with forked_host_rng():
+        ...     _ = random.random()
+        >>> random.random() == random.Random(0).random()
+        True
+    """
+    np_random = numpy_random()
+    py_state = random.getstate()
+    np_state = np_random.get_state() if np_random is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        if np_random is not None:
+            np_random.set_state(np_state)
 
 
 def cuda_devices(tensors: Iterable[Tensor]) -> list[int]:

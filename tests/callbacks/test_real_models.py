@@ -38,6 +38,7 @@ CASES: dict[str, tuple[Callable[[], tuple[L.LightningModule, Any]], dict[str, An
     "t5-ignore-index": (_hf("t5"), {}),
     "bart-ignore-index": (_hf("bart"), {}),
     "llama-bf16-mixed": (_hf("llama"), {"precision": "bf16-mixed"}),
+    "wav2vec2-ctc-specaugment": (_hf("wav2vec2"), {}),
     "demo-lstm": (_demo(zoo_real.DemoLSTM, nhid=16), {}),
     "demo-transformer": (_demo(zoo_real.DemoTransformer), {}),
     "lstm": (lambda: (zoo_real.RNNTagger("lstm"), zoo_real.sequence_loader()), {}),

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from grad_callbacks.callbacks.recompute import Recomputations, RngState, _numpy_random, isolated
+from grad_callbacks.callbacks.recompute import Recomputations, RngState, isolated
 from grad_callbacks.core.diagnosis import relative_error
+from grad_callbacks.core.isolation import numpy_random
 from grad_callbacks.core.per_sample import (
     PerSampleStats,
     ScaleFit,
@@ -120,7 +121,7 @@ class _Comparison:
         coupling.
         """
         module = self.pl_module
-        np_random = _numpy_random()
+        np_random = numpy_random()
         consumed: list[str] = []
 
         def grads(torch_seed: int | None) -> dict[str, Tensor]:

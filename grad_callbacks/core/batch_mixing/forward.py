@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from grad_callbacks.core.batch_mixing.leaves import (
     _EmbeddingTaps,
@@ -20,10 +21,34 @@ from grad_callbacks.core.batch_mixing.leaves import (
     _tensors,
 )
 from grad_callbacks.core.batch_mixing.result import CannotCheckMixing
-from grad_callbacks.core.isolation import cuda_devices, run_eagerly
+from grad_callbacks.core.isolation import cuda_devices, forked_host_rng, run_eagerly
 from grad_callbacks.core.state import restored_state
 
 Forward = Callable[[Any], Any]
+
+_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]
+
+
+class _GradFlagsKept(TorchFunctionMode):
+    """``t.requires_grad = True`` on a tensor that already requires grad does nothing.
+
+    A model may switch on gradients for its input (Wav2Vec2's feature encoder sets
+    ``hidden_states.requires_grad = True`` on ``input_values[:, None]``); with the test's inputs
+    made leaves that tensor is a view of a leaf, where torch refuses the assignment although
+    it asks for nothing new.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if (
+            getattr(func, "__self__", None) is _REQUIRES_GRAD
+            and getattr(func, "__name__", "") == "__set__"
+            and len(args) == 2
+            and isinstance(args[0], Tensor)
+            and bool(args[1])
+            and args[0].requires_grad
+        ):
+            return None
+        return func(*args, **(kwargs or {}))
 
 
 def _freeze_batch_stats(m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -74,7 +99,8 @@ def isolated(module: nn.Module | None, inputs: Any = None) -> Iterator[None]:
     """Run extra forward passes of ``module`` without a trace on training.
 
     BatchNorm layers run in eval mode, buffers are restored on exit, the CPU and CUDA random
-    number generators are forked and ``torch.compile``d code runs eagerly.
+    number generators, Python's ``random`` and NumPy's are forked and ``torch.compile``d code
+    runs eagerly.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -87,6 +113,7 @@ def isolated(module: nn.Module | None, inputs: Any = None) -> Iterator[None]:
     with ExitStack() as stack:
         stack.enter_context(run_eagerly())
         stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(module, inputs)))
+        stack.enter_context(forked_host_rng())
         if module is not None:
             stack.enter_context(_norms_in_eval(module))
             stack.enter_context(restored_state(module))
@@ -143,7 +170,7 @@ def _run(
 ) -> _Run:
     prepared, leaves, integers = _prepare(inputs, size, input_dim, perturb)
     taps = _EmbeddingTaps(module, integers, size, perturb) if module is not None else None
-    with torch.enable_grad():
+    with torch.enable_grad(), _GradFlagsKept():
         if taps is not None:
             with taps:
                 outputs = forward(prepared)
