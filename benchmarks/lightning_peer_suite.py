@@ -49,7 +49,7 @@ ENV = "LIGHTNING_TESTS_DIR"
 DEFAULT_SUBSET = (
     "trainer/test_trainer.py",
     "callbacks",
-    "loops/optimization",
+    "loops",
     "models/test_hooks.py",
     "checkpointing",
 )
