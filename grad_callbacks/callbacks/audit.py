@@ -570,7 +570,9 @@ class GradientAudit(AuditCallback):
             one_time=self._one_time,
         )
         self._batch_started = None
-        if self.wants_scalars():
+        trainer = self._trainer
+        # On the logging cadence, by the step the batch started at (no property chain).
+        if trainer is not None and self._step % max(trainer.log_every_n_steps, 1) == 0:
             scalars = {"overhead": self.budget.overhead}
             steady = self.budget.steady_overhead
             if steady is not None:

@@ -108,10 +108,10 @@ class FiniteSentinel:
                 norms = torch._foreach_norm([g.detach() for g in grads])
             values.extend(norms)
         if values:
-            device = values[0].device
-            if all(v.dim() == 0 and v.device == device for v in values):
-                stacked = torch.stack(values)  # promotes mixed dtypes (bf16 loss, fp32 norms)
-            else:
+            try:  # 0-d tensors on one device, as usual (mixed dtypes are promoted)
+                stacked = torch.stack(values)
+            except RuntimeError:  # a loss of shape (1,), or values on several devices
+                device = values[0].device
                 stacked = torch.stack([v.reshape(()).to(device, torch.float32) for v in values])
             where = list(self._where)
             self._reads.append((HostCopy(torch.isfinite(stacked)), where, (step, batch_idx)))
