@@ -316,9 +316,9 @@ class HostCopy:
 
     def __init__(self, tensor: Tensor) -> None:
         self._event: torch.cuda.Event | None = None
-        if tensor.device.type == "cpu":
+        if tensor.is_cpu:
             self._host = tensor
-        elif tensor.device.type == "cuda":
+        elif tensor.is_cuda:
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self._host.copy_(tensor, non_blocking=True)
             self._event = torch.cuda.Event()

@@ -49,14 +49,25 @@ def grad_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """
     if not tensors:
         return []
-    if all(t.dtype in _BLAS and t.device.type == "cpu" and not t.is_sparse for t in tensors) and (
-        sum(t.numel() for t in tensors) >= _BLAS_MIN_NUMEL
-    ):
+    # One pass over the tensors' attributes (``is_cpu`` builds no device object).
+    dense_cpu_blas = all_float32 = True
+    numel = 0
+    for t in tensors:
+        if t.is_sparse:
+            dense_cpu_blas = all_float32 = False
+            break
+        dtype = t.dtype
+        if dtype is not torch.float32:
+            all_float32 = False
+        if dtype not in _BLAS or not t.is_cpu:
+            dense_cpu_blas = False
+        numel += t.numel()
+    if dense_cpu_blas and numel >= _BLAS_MIN_NUMEL:
         # On CPU a BLAS dot product is about 2x faster than _foreach_norm's per-tensor kernels,
         # once the tensors are large enough to outweigh a few more calls per tensor.
         squares = [torch.dot(f, f) for f in (t.reshape(-1) for t in tensors)]
         return [n if n.dtype == torch.float32 else n.float() for n in torch._foreach_sqrt(squares)]
-    if all(t.dtype == torch.float32 and not t.is_sparse for t in tensors):
+    if all_float32:
         return list(torch._foreach_norm(list(tensors), 2))
     out: list[Tensor | None] = [None] * len(tensors)
     dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
