@@ -46,7 +46,8 @@ class ManualSteps:
     optimizer's ``step``, ``zero_grad`` and toggling, in order. Pass it to :func:`isolated`.
 
     :meth:`steps` turns the events into the losses each optimizer step applies: those
-    backwarded since that optimizer's last ``zero_grad`` (or the start of the step), leaving
+    backwarded since that optimizer's last ``zero_grad``, or that of an optimizer holding all
+    its parameters (or the start of the step), leaving
     out those backwarded while another optimizer was toggled (its parameters alone required
     gradients then).
 
@@ -58,7 +59,19 @@ class ManualSteps:
     def __init__(
         self, optimizers: Iterable[Any], on_step: Callable[[int], None] | None = None
     ) -> None:
-        self._index = {id(_raw_optimizer(o)): i for i, o in enumerate(optimizers)}
+        raws = [_raw_optimizer(o) for o in optimizers]
+        self._index = {id(raw): i for i, raw in enumerate(raws)}
+        params = [
+            {id(p) for group in getattr(raw, "param_groups", []) for p in group["params"]}
+            for raw in raws
+        ]
+        # i -> the optimizers whose parameters all belong to optimizer i too: i's zero_grad
+        # clears their gradients (several optimizers over the same parameters, each stepping
+        # and clearing in turn)
+        self._clears = {
+            i: {j for j, theirs in enumerate(params) if theirs and theirs <= mine}
+            for i, mine in enumerate(params)
+        }
         self.events: list[tuple[str, int | None, Any]] = []
         self._toggled: int | None = None
         self._on_step = on_step
@@ -101,6 +114,7 @@ class ManualSteps:
         for kind, i, _ in self.events:
             if kind == "zero_grad":
                 seen.add(i)
+                seen.update(self._clears.get(i, ()))  # type: ignore[arg-type]
             elif kind == "step":
                 out.append(i in seen)
         return out
@@ -116,6 +130,8 @@ class ManualSteps:
                         pending[j].append(loss)
             elif kind == "zero_grad":
                 pending[i] = []
+                for j in self._clears.get(i, ()):  # type: ignore[arg-type]
+                    pending[j] = []
             elif kind == "step":
                 out.append((i, list(pending.get(i, []))))
         return out

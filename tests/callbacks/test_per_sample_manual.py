@@ -342,3 +342,38 @@ def test_gpt2_accumulating_by_hand_over_padded_batches() -> None:
     per_sample = next(c for c in audit.checks if isinstance(c, PerSampleGradientCheck))
     assert per_sample.steps_checked == 1 and per_sample.last_stats is not None
     assert per_sample.findings == []
+
+
+class SharedParamsOptimizers(zoo.MLP):
+    """Manual optimization, two optimizers over the same parameters stepping in turn, each on a
+    loss computed after the other stepped (Lightning's test_multiple_optimizers_basefinetuning).
+    ``clear_between``: each optimizer's ``zero_grad`` right after its step, so the next one
+    applies its own loss only; else the second applies both losses' gradients (accumulated)."""
+
+    def __init__(self, clear_between: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.clear_between = clear_between
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():
+            self.manual_backward(F.mse_loss(self.net(x), y))
+            opt.step()
+            if self.clear_between:
+                opt.zero_grad()
+        if not self.clear_between:
+            for opt in self.optimizers():
+                opt.zero_grad()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        params = list(self.parameters())
+        return [torch.optim.SGD(params, lr=0.1), torch.optim.Adam(params, lr=0.01)]
+
+
+@pytest.mark.parametrize("clear_between", [True, False])
+def test_optimizers_sharing_parameters_replay_each_ones_gradient(clear_between: bool) -> None:
+    check = _check()
+    zoo.fit(SharedParamsOptimizers(clear_between), [check], limit_train_batches=3)
+    assert check.steps_checked == 3
+    assert [f.message for f in check.findings if f.severity != "info"] == []
