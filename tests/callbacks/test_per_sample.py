@@ -212,9 +212,9 @@ def test_noise_augmentation_in_training_step_is_no_false_alarm() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientAuditWarning)
         zoo.fit(zoo.NoisyInputs(), [check], data=_data8())
-    assert _alarms(check.findings) == []
-    (finding,) = check.findings
-    assert finding.code == "check-skipped" and "random numbers" in finding.message
+    # randn_like(x) has the batch as first dimension: cut sample by sample, so compared
+    assert check.findings == []
+    assert check.steps_checked >= 1
 
 
 def test_loop_fallback_is_silent_on_a_clean_model_and_reported() -> None:

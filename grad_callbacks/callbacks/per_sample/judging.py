@@ -109,8 +109,9 @@ class _PerSampleJudging:
         packed, per_sample_fn, batch_fn = (
             carried.pack(batch, n), carried.loss(per_sample_fn), carried.loss(batch_fn)
         )
-        if manual_fn is not None and losses is None:
-            # the step's own random draws (a GAN's latent vectors), cut like the batch
+        if losses is None:
+            # the step's own random draws (a GAN's latent vectors, a VAE's reparameterisation
+            # noise, a diffusion step's timesteps and noise), cut like the batch
             with (
                 micro.isolated(pl_module, self._record),
                 _stochastic_layers_off(pl_module),
