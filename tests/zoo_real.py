@@ -124,7 +124,8 @@ class HFModule(L.LightningModule):
         kind: ``"gpt2"`` (causal LM, tied embeddings), ``"llama"`` (causal LM, RMSNorm, rotary),
             ``"bert"`` (sequence classification), ``"t5"`` / ``"bart"`` (seq2seq with -100 labels),
             ``"vit"`` (image classification), ``"wav2vec2"`` (CTC on padded raw audio, with
-            SpecAugment time masks drawn from NumPy's global generator).
+            SpecAugment time masks drawn from NumPy's global generator), ``"clip"`` (text and
+            image towers, contrastive loss over the batch: coupled in the loss by design).
         gradient_checkpointing: turn on the model's gradient checkpointing.
         lr: SGD learning rate.
         packed_attention: plant a batch-mixing bug: every attention layer runs
@@ -155,7 +156,8 @@ class HFModule(L.LightningModule):
         return self.model(**inputs)
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in batch.items() if k != "text"}
+        inputs = {k: v for k, v in batch.items() if k != "text"}
+        return {**inputs, "return_loss": True} if self.kind == "clip" else inputs
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self(**self.model_inputs(batch)).loss
@@ -216,6 +218,16 @@ def build_hf_model(kind: str) -> nn.Module:
             ctc_loss_reduction="mean", layerdrop=0.0, **small,
         )
         return tf.Wav2Vec2ForCTC(config)
+    if kind == "clip":
+        towers = dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+        config = tf.CLIPConfig(
+            text_config=dict(vocab_size=VOCAB, max_position_embeddings=16, **towers),
+            vision_config=dict(image_size=16, patch_size=8, **towers),
+            projection_dim=8,
+        )
+        return tf.CLIPModel(config)
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -267,6 +279,15 @@ def hf_loader(kind: str, batch_size: int = 8, n: int = 32) -> DataLoader:
         return token_loader(batch_size=batch_size, n=n, text=True, num_labels=3)
     if kind == "wav2vec2":
         return audio_loader(n=n, batch_size=batch_size)
+    if kind == "clip":
+        images = image_loader(n=n, batch_size=batch_size).dataset
+        tokens = TokenBatches(n=n)
+        pairs = [
+            {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"],
+             "pixel_values": i["pixel_values"]}
+            for t, i in zip(tokens.items, images, strict=True)
+        ]
+        return DataLoader(pairs, batch_size=batch_size)
     return token_loader(batch_size=batch_size, n=n)
 
 

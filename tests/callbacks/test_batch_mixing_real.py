@@ -1,6 +1,6 @@
 """BatchMixingCheck on the models people train, through the calls their ``training_step`` makes:
 tiny-config ``transformers`` models (T5 and BART with -100 labels, BERT with attention masks and
-strings in the batch, GPT-2, ViT, Wav2Vec2 CTC on padded audio), Lightning's demos, an
+strings in the batch, GPT-2, ViT, Wav2Vec2 CTC on padded audio, CLIP), Lightning's demos, an
 ``nn.LSTM`` tagger with ``batch_first=False`` and a manual-optimization GAN.
 
 Clean models: silent, with the check run on the calls named (not skipped). Each model with a
@@ -46,6 +46,7 @@ class CentreOverBatch(nn.Module):
         return h - h.mean(dim=0, keepdim=True)
 
 
+HF_KINDS = ("t5", "bart", "bert", "gpt2", "vit")
 Case = tuple[Callable[[], L.LightningModule], Callable[[], DataLoader | None]]
 
 
@@ -61,7 +62,7 @@ def _cases(bug: bool, n: int = 4) -> dict[str, Case]:
     GAN's) or 8."""
     tokens = lambda: zoo_real.sequence_loader(n=2 * n)  # noqa: E731
     return {
-        **{kind: _hf(kind, bug, n) for kind in ("t5", "bart", "bert", "gpt2", "vit", "wav2vec2")},
+        **{kind: _hf(kind, bug, n) for kind in (*HF_KINDS, "wav2vec2", "clip")},
         "demo-transformer": (lambda: zoo_real.DemoTransformer(batch_pool=bug, small=True), tokens),
         "demo-lstm": (lambda: zoo_real.DemoLSTM(view_bug=bug, nhid=16), tokens),
         "lstm-tagger": (lambda: zoo_real.RNNTagger(batch_first=False, view_bug=bug), tokens),
@@ -77,6 +78,8 @@ TESTED = {
     "vit": ["pl_module(pixel_values=..., labels=...)"],
     # sets requires_grad on a view of its input; draws SpecAugment masks from NumPy
     "wav2vec2": ["pl_module(input_values=..., attention_mask=..., labels=...)"],
+    # logits_per_image/_text [B, B] compare the samples on purpose
+    "clip": ["pl_module(input_ids=..., attention_mask=..., pixel_values=..., return_loss=...)"],
     "demo-transformer": ["pl_module(inputs, target)"],
     "demo-lstm": ["pl_module.model(input, hidden)"],
     "lstm-tagger": ["pl_module(tokens)"],

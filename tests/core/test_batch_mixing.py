@@ -429,3 +429,44 @@ def test_a_module_copied_or_pickled_while_recorded_is_itself() -> None:
     assert recorder.calls == []  # neither copy records into the recorder
     assert torch.equal(twin(x), model(x)) and torch.equal(loaded(x), model(x))
     assert "forward" not in model.__dict__
+
+
+# ------------------------------------------------------------------ scores between samples
+class PairScores(nn.Module):
+    """A CLIP-style head: per-sample embeddings and their ``[B, B]`` similarity scores;
+    ``centre`` plants mixing (embeddings centred over the batch)."""
+
+    def __init__(self, centre: bool = False) -> None:
+        super().__init__()
+        self.text, self.image = nn.Linear(3, 4), nn.Linear(3, 4)
+        self.centre = centre
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, v = self.text(x), self.image(x.flip(-1))
+        if self.centre:
+            t = t - t.mean(dim=0, keepdim=True)
+        return {"text": t, "scores": t @ v.T}
+
+
+def test_scores_between_samples_are_read_on_their_diagonal() -> None:
+    # oracle: scores[i, j] = <t_i, v_j> depends on i and j by design; [i, i] on i alone
+    assert _check(PairScores(), _x(4, 3)) == []
+
+
+def test_mixing_seen_on_the_diagonal_of_scores_is_still_reported() -> None:
+    found = _check(PairScores(centre=True), _x(4, 3), localize=False)
+    assert {m.output for m in found} == {"output['text']", "output['scores']"}
+    assert _pairs(found) == sorted([(i, j) for i in SAMPLES for j in range(4) if j != i] * 2)
+
+
+def test_a_square_classifier_output_that_mixes_is_reported() -> None:
+    # B classes for a batch of B: square by coincidence, the batch-mean mixing shows on [i, i]
+    model = nn.Sequential(_Centre(), nn.Linear(3, 4))
+    assert _pairs(_check(model, _x(4, 3), localize=False)) == [
+        (i, j) for i in SAMPLES for j in range(4) if j != i
+    ]
+
+
+class _Centre(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(dim=0, keepdim=True)

@@ -31,8 +31,23 @@ def _vjp_test(
             )
             if not interleaved:
                 mixing = []
+        if mixing and _pairwise(out, size, output_dim):
+            # [B, B] scores that compare samples on purpose (CLIP's logits_per_image, in-batch
+            # retrieval): row i depends on every sample by design, its own entry [i, i] only
+            # on sample i. A sample mixes only if its entry does too.
+            diagonal = _test_output(
+                run, out, samples, size, output_dim, atol, interleaved=False, diagonal=True
+            )
+            mixed = {m.sample for m in diagonal}
+            mixing = [m for m in mixing if m.sample in mixed]
         found += mixing
     return found
+
+
+def _pairwise(out: _Output, size: int, output_dim: int) -> bool:
+    """Whether ``out`` is a ``[B, B]`` matrix of scores between the samples."""
+    t = out.tensor
+    return output_dim == 0 and out.rows == 1 and t.dim() == 2 and tuple(t.shape) == (size, size)
 
 
 def _test_output(
@@ -44,12 +59,17 @@ def _test_output(
     atol: float,
     interleaved: bool,
     first_only: bool = False,
+    diagonal: bool = False,
 ) -> list[Mixing]:
-    """The samples whose part of ``out`` mixes (only the first one with ``first_only``)."""
+    """The samples whose part of ``out`` mixes (only the first one with ``first_only``); with
+    ``diagonal``, sample ``i``'s part is the entry ``[i, i]`` of a ``[B, B]`` output."""
     found: list[Mixing] = []
     tensors = [leaf.tensor for leaf in run.leaves]
     for i in samples:
-        part = sample_part(out.tensor, i, size, output_dim, out.rows, interleaved)
+        if diagonal:
+            part = out.tensor[i, i]
+        else:
+            part = sample_part(out.tensor, i, size, output_dim, out.rows, interleaved)
         target = part.float().sum()
         grads = torch.autograd.grad(target, tensors, retain_graph=True, allow_unused=True)
         cross = torch.zeros(size, device=target.device)
