@@ -23,15 +23,14 @@ from typing import Any
 import lightning.pytorch as pl
 
 from grad_callbacks.callbacks.autograd_check import AutogradCheck
-from grad_callbacks.callbacks.base import (
-    _BASE_HOOK_BODIES,
+from grad_callbacks.callbacks.base import AuditCallback, OnFinding
+from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
+from grad_callbacks.callbacks.hooks import (
+    BASE_HOOK_BODIES,
     BATCH_HOOKS,
     CALLBACK_HOOKS,
-    AuditCallback,
-    OnFinding,
     audit_hook,
 )
-from grad_callbacks.callbacks.batch_mixing import BatchMixingCheck
 from grad_callbacks.callbacks.monitor import GradientMonitor
 from grad_callbacks.callbacks.per_sample import PerSampleGradientCheck
 from grad_callbacks.callbacks.rank_sync import RankSyncCheck
@@ -316,7 +315,7 @@ class GradientAudit(AuditCallback):
         """Call hook ``name`` of every check that does something in it (for a per-batch hook:
         every awake check, and for a watched hook, every watching one).
 
-        A check's hook wrapper (:func:`~grad_callbacks.callbacks.base.audit_hook`) is skipped
+        A check's hook wrapper (:func:`~grad_callbacks.callbacks.hooks.audit_hook`) is skipped
         unless the check is inactive: for a check inside this callback it would only repeat
         what this callback's wrapper did (leave dynamo, agree with the other ranks).
         """
@@ -528,7 +527,7 @@ class GradientAudit(AuditCallback):
             for check in self._router.flushed_only:
                 if check._pending_scalars:
                     check._flush_scalars(trainer)
-            _BASE_HOOK_BODIES["on_train_batch_end"](
+            BASE_HOOK_BODIES["on_train_batch_end"](
                 self, trainer, pl_module, outputs, batch, batch_idx
             )
         finally:

@@ -29,7 +29,8 @@ The base class does the rest:
   and sets up afresh when a fit starts.
 
 The last two are done by a wrapper around every Lightning hook a check defines
-(:func:`audit_hook`), so a check's own hook methods stay plain.
+(:func:`~grad_callbacks.callbacks.hooks.audit_hook`), so a check's own hook methods stay
+plain.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from time import perf_counter  # bound at import: a mocked time.perf_counter never sees ours
 from typing import Any, ClassVar, Literal
 
@@ -50,6 +51,11 @@ from grad_callbacks.callbacks.distributed import (
     gather_objects,
     is_distributed,
     sharded_strategy,
+)
+from grad_callbacks.callbacks.hooks import (
+    BASE_HOOK_BODIES,
+    CALLBACK_HOOKS,
+    wrap_hooks,
 )
 from grad_callbacks.core.budget import OverheadBudget
 from grad_callbacks.core.clock import GC_SECONDS as _GC
@@ -70,37 +76,9 @@ OnFinding = Literal["warn", "raise", "log"]
 _POLICIES = ("warn", "raise", "log")
 _logger = logging.getLogger(__name__)
 
-#: Every hook Lightning calls on a callback (checkpoint hooks aside).
-CALLBACK_HOOKS: tuple[str, ...] = tuple(
-    sorted(
-        name
-        for name in vars(pl.Callback)
-        if (name.startswith("on_") or name in ("setup", "teardown"))
-        and name not in ("on_save_checkpoint", "on_load_checkpoint")
-        and callable(getattr(pl.Callback, name))
-    )
-)
-# Hooks at whose end, under DDP and on_finding="raise", every rank learns whether one holds an
-# error: before the optimizer applies a gradient, and where findings are read or gathered.
-_AGREE_HOOKS = frozenset(
-    {"on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end", "on_train_end"}
-)
-#: The hooks Lightning calls at every training batch. GradientAudit does not call those of a
-#: check before the step :meth:`AuditCallback.next_busy_step` names.
-BATCH_HOOKS = frozenset(
-    {
-        "on_train_batch_start",
-        "on_before_backward",
-        "on_after_backward",
-        "on_before_optimizer_step",
-        "on_before_zero_grad",
-        "on_train_batch_end",
-    }
-)
 # How many times some check's findings changed (in this process): the leader looks for a new
 # findings table only when it moved, not by asking every check at every batch.
 _findings_changes = [0]
-_COMPILING_FLAG = hasattr(torch.compiler, "_is_compiling_flag")
 
 
 class _StateKey:
@@ -195,7 +173,7 @@ class AuditCallback(pl.Callback):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _wrap_hooks(cls)
+        wrap_hooks(cls)
 
     def __getstate__(self) -> dict[str, Any]:
         """The check without what it holds of a running fit (see :attr:`live_attributes`).
@@ -241,7 +219,7 @@ class AuditCallback(pl.Callback):
 
     def next_busy_step(self, step: int) -> int | None:
         """The first optimizer step, from ``step`` (the current ``global_step``) on, at which any
-        of the check's per-batch hooks (:data:`BATCH_HOOKS`) may do something; None: none until
+        of the check's per-batch hooks (``hooks.BATCH_HOOKS``) may do something; None: none until
         the check calls :meth:`wake`.
 
         ``GradientAudit`` does not call a check's per-batch hooks before that step (it asks
@@ -555,7 +533,7 @@ class AuditCallback(pl.Callback):
     def _agree_to_raise(self) -> None:
         """Under DDP and ``on_finding="raise"``: raise on every rank if any rank holds an error.
 
-        Every rank runs it at the same hooks (:data:`_AGREE_HOOKS`), so the all-reduce is
+        Every rank runs it at the same hooks (``hooks._AGREE_HOOKS``), so the all-reduce is
         entered by all of them. When one holds an error, every audit callback gathers its
         findings first, so rank 0's report names the finding and its rank.
         """
@@ -792,76 +770,7 @@ def _first_audit_callback(trainer: pl.Trainer) -> pl.Callback | None:
     return None
 
 
-def audit_hook(name: str, body: Callable[..., None]) -> Callable[..., None]:
-    """Wrap the Lightning hook ``name`` of a check (see the module docstring).
-
-    The outermost call of a hook (not the ``super()`` calls inside it) skips the check's own
-    work while the check is inactive (running only the base class's part: outputs, gathering),
-    and ends, for hooks in :data:`_AGREE_HOOKS`, with :meth:`AuditCallback._agree_to_raise`.
-    Called from code that dynamo is tracing (a compiled manual-optimization ``training_step``
-    calls ``on_before_backward`` and ``on_before_optimizer_step``), the hook runs eagerly
-    through ``torch.compiler.disable``; elsewhere that costs one ``is_compiling()`` test.
-    """
-
-    agree = name in _AGREE_HOOKS
-
-    def run(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
-        if self._in_hook:
-            body(self, *args, **kwargs)
-            return
-        work: Callable[..., None] | None = body
-        if self._inactive:
-            work = _BASE_HOOK_BODIES.get(name)
-        if work is not None:
-            self._in_hook = True
-            try:
-                work(self, *args, **kwargs)
-            finally:
-                self._in_hook = False
-        if agree and self._distributed_fit:
-            self._agree_to_raise()
-
-    eager = torch.compiler.disable(run)
-
-    # ``run`` inlined: Lightning calls a bundle's hooks several times per batch.
-    @functools.wraps(body)
-    def hook(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
-        # What torch.compiler.is_compiling() answers outside TorchScript, read without its two
-        # calls where torch has the flag (dynamo holds it for the whole of a compilation).
-        if (
-            torch.compiler._is_compiling_flag  # type: ignore[attr-defined]
-            if _COMPILING_FLAG
-            else torch.compiler.is_compiling()
-        ):
-            eager(self, *args, **kwargs)
-            return
-        if self._in_hook:
-            body(self, *args, **kwargs)
-            return
-        work: Callable[..., None] | None = body
-        if self._inactive:
-            work = _BASE_HOOK_BODIES.get(name)
-        if work is not None:
-            self._in_hook = True
-            try:
-                work(self, *args, **kwargs)
-            finally:
-                self._in_hook = False
-        if agree and self._distributed_fit:
-            self._agree_to_raise()
-
-    hook.__audit_hook__ = True  # type: ignore[attr-defined]
-    return hook
-
-
-def _wrap_hooks(cls: type[AuditCallback]) -> None:
-    for name in CALLBACK_HOOKS:
-        body = cls.__dict__.get(name)
-        if body is not None and not getattr(body, "__audit_hook__", False):
-            setattr(cls, name, audit_hook(name, body))
-
-
-_BASE_HOOK_BODIES: dict[str, Callable[..., None]] = {
-    name: AuditCallback.__dict__[name] for name in CALLBACK_HOOKS if name in AuditCallback.__dict__
-}
-_wrap_hooks(AuditCallback)
+BASE_HOOK_BODIES.update(
+    {name: body for name, body in vars(AuditCallback).items() if name in CALLBACK_HOOKS}
+)
+wrap_hooks(AuditCallback)

@@ -29,7 +29,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from grad_callbacks.callbacks.base import BATCH_HOOKS, CALLBACK_HOOKS, AuditCallback
+from grad_callbacks.callbacks.base import AuditCallback
+from grad_callbacks.callbacks.hooks import BATCH_HOOKS, CALLBACK_HOOKS
 
 #: Per-batch hooks not called on a check while it is not watching (see ``watches_steps``).
 WATCHED_HOOKS = frozenset(
@@ -151,7 +152,7 @@ def implements(check: AuditCallback, name: str) -> bool:
 
 
 def body(check: AuditCallback, name: str) -> Callable[..., Any]:
-    """The check's hook ``name`` without its :func:`~grad_callbacks.callbacks.base.audit_hook`
+    """The check's hook ``name`` without its :func:`~grad_callbacks.callbacks.hooks.audit_hook`
     wrapper."""
     hook = getattr(type(check), name)
     return getattr(hook, "__wrapped__", hook)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from grad_callbacks import GradientAudit, PerSampleGradientCheck
-from grad_callbacks.callbacks.base import CALLBACK_HOOKS, AuditCallback
+from grad_callbacks.callbacks.base import AuditCallback
+from grad_callbacks.callbacks.hooks import CALLBACK_HOOKS
 from tests import zoo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
