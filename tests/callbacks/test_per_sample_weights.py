@@ -133,19 +133,23 @@ def test_coupling_declared_in_the_loss_is_info_and_the_rest_is_still_compared() 
     assert check.report_entry()["recomputations"] > 0 and check.steps_checked == 2
 
 
-def test_declared_coupling_does_not_hide_coupling_elsewhere() -> None:
-    class CentredInputs(zoo.MLP):
-        """A per-sample loss on inputs centred over the batch: the coupling is not the loss's
-        (one sample alone still has a gradient), so the declaration does not cover it."""
+def test_declared_coupling_covers_coupling_one_sample_alone_also_has() -> None:
+    class BatchCentred(zoo.MLP):
+        """A batch-level statistic (as a mixture-of-experts load-balancing term reads the
+        routing over the batch): one sample alone still has a gradient, and the samples are
+        coupled."""
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             return F.mse_loss(self.net(x - x.mean(0)), y)
 
-    check = _check(coupled_loss=True, check_optimizer_grad=False)
-    zoo.fit(CentredInputs(), [check], data=zoo.regression_data(n=16, batch_size=8))
-    (coupling,) = [f for f in check.findings if f.code == "batch-coupling"]
-    assert coupling.severity == "warning" and coupling.data["in_the_loss"] is False
+    for declared in (False, True):
+        check = _check(coupled_loss=declared, check_optimizer_grad=False)
+        zoo.fit(BatchCentred(), [check], data=zoo.regression_data(n=16, batch_size=8))
+        (coupling,) = [f for f in check.findings if f.code == "batch-coupling"]
+        assert coupling.data["in_the_loss"] is False
+        assert coupling.severity == ("info" if declared else "warning")
+        assert ("coupled_loss=True" in coupling.message) is declared
 
 
 # ------------------------------------------------------------------ accumulation weighting

@@ -96,10 +96,9 @@ class PerSampleGradientCheck(_ManualChecks, _PerSampleJudging, AuditCallback):
             then does nothing and reports ``check-skipped`` once (everything it compares is a
             recomputation).
         coupled_loss: the loss couples the samples by design (in-batch negatives of a
-            contrastive loss, a softmax over the batch axis): a ``batch-coupling`` whose
-            coupling is in the loss itself (one sample alone gives no gradient, or the same for
-            every sample) is then reported as info, not as a warning. Coupling found elsewhere
-            stays a warning.
+            contrastive loss, a softmax over the batch axis, a mixture-of-experts
+            load-balancing term): ``batch-coupling`` is then reported as info, not as a
+            warning (mixing inside the model stays ``BatchMixingCheck``'s to find).
 
     Example:
         >>> import lightning as L

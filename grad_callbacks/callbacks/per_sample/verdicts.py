@@ -113,12 +113,19 @@ def _coupled_message(
             f"mixes samples. {where}"
         )
     fitted = "the best per-sample weighting" if reduction.weighted else "equal weights"
-    return (
+    found = (
         f"the batch gradient is not a weighted sum of the per-sample gradients (relative "
         f"residual {_finite(reduction.residual)} after fitting {fitted}, over the "
         f"{_of(n, size)} compared, tolerance {tol:g}): samples influence each other's "
-        f"gradients. {where}"
+        f"gradients"
     )
+    if declared:
+        return (
+            f"{found}, as the loss is declared to couple them (coupled_loss=True: a "
+            f"load-balancing or other batch-level term); mixing inside the model is "
+            f"BatchMixingCheck's to find. {where}"
+        )
+    return f"{found}. {where}"
 
 
 def _finite(value: float) -> str:
@@ -174,7 +181,7 @@ def reduction_findings(
         # Every parameter over the tolerance, in module order: a key stable across steps.
         names = _over(reduction.param_residual, tol) or tuple(name for name, _ in worst[:1])
         modules = sorted({_module_of(name) for name in names})
-        declared = coupled_loss and alone is not None
+        declared = coupled_loss
         return [
             make_finding(
                 "batch-coupling",
