@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grad_callbacks import GradientAudit
 from grad_callbacks.callbacks.audit import LATENCY_BOUNDS
 from tests import zoo, zoo_real
+from tests.zoo import FirstSeen
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -128,19 +129,6 @@ def _trainer(callbacks: list[L.Callback], steps: int) -> L.Trainer:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=callbacks, default_root_dir="/tmp/grad_audit_bench",
     )
-
-
-class FirstSeen(L.Callback):
-    """The batch at whose end each finding code first appears in ``audit.findings``."""
-
-    def __init__(self, audit: GradientAudit) -> None:
-        self.audit = audit
-        self.at: dict[str, int] = {}
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        batch = trainer.fit_loop.epoch_loop.total_batch_idx
-        for f in self.audit.findings:
-            self.at.setdefault(f.code, batch)
 
 
 class SteadyClock(L.Callback):

@@ -70,6 +70,20 @@ def fit(
     return trainer
 
 
+class FirstSeen(L.Callback):
+    """Records the batch at whose end each finding code first appears in ``audit.findings``
+    (the latency tests and ``benchmarks/latency.py``)."""
+
+    def __init__(self, audit: Any) -> None:
+        self.audit = audit
+        self.at: dict[str, int] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        batch = trainer.fit_loop.epoch_loop.total_batch_idx
+        for f in self.audit.findings:
+            self.at.setdefault(f.code, batch)
+
+
 class Square(torch.autograd.Function):
     """A custom autograd Function, ``x * x``, with the right backward (``2 x``)."""
 

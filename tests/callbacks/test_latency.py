@@ -21,19 +21,7 @@ import torch
 from grad_callbacks import GradientAudit
 from grad_callbacks.callbacks.audit import LATENCY_BOUNDS, MAX_WINDOW_GAP_STEPS
 from tests import zoo
-
-
-class FirstSeen(L.Callback):
-    """Records the batch at whose end each finding code first appears in ``audit.findings``."""
-
-    def __init__(self, audit: GradientAudit) -> None:
-        self.audit = audit
-        self.at: dict[str, int] = {}
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        batch = trainer.fit_loop.epoch_loop.total_batch_idx
-        for f in self.audit.findings:
-            self.at.setdefault(f.code, batch)
+from tests.zoo import FirstSeen
 
 
 def slow_machine_audit() -> GradientAudit:
