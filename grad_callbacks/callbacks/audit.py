@@ -80,6 +80,7 @@ _OWN_HOOKS = {
     "on_train_batch_end",
 }
 _HOOKS = [name for name in CALLBACK_HOOKS if name not in _OWN_HOOKS]
+_FORWARDED_BATCH_HOOKS = sorted(BATCH_HOOKS - _OWN_HOOKS)
 
 #: Share of the overhead budget given to each periodic check the budget spaces (never more often
 #: than its every_n_steps).
@@ -88,8 +89,20 @@ BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.5, "GradientMonit
 #: ``watches_steps``: ZeroGradCheck, GradientSanityCheck). The fixed cost (calling the checks'
 #: hooks, the sentinels, the cheap checks) is taken out of the budget before any share.
 WATCH_SHARE = 0.4
-#: Optimizer steps per watch window (at least a GradientSanityCheck's patience + 1).
-WATCH_WINDOW_STEPS = 4
+#: Optimizer steps per spaced watch window: the zero-grad check judges each step of a window but
+#: the first (whose previous step it did not see). Under manual optimization, where optimizers
+#: may step at different rates, windows last SANITY_WINDOW_STEPS.
+WATCH_WINDOW_STEPS = 2
+#: Optimizer steps per window the sanity check watches (at least its patience + 1): the first
+#: window, and those the sentinels ask for. Its NaN/Inf and missing gradients are found by the
+#: always-on look of FINITE_EVERY_STEPS, so it watches no spaced window where ZeroGradCheck
+#: watches them.
+SANITY_WINDOW_STEPS = 4
+#: After a window opened for parameters without a gradient (seen at a sentinel's look) closes,
+#: such hints wait this many optimizer steps, doubling from the first value up to the second
+#: at each hint (a parameter that gets a gradient at some steps only keeps hinting). The wait
+#: plus a look and a window stays within the 50-step bound of ``missing-grad``.
+MISSING_HINT_WAIT_STEPS = (5, 30)
 #: Optimizer steps in the first window, from the first batch (a bug present from the start is
 #: seen over more steps at once).
 FIRST_WINDOW_STEPS = 8
@@ -98,8 +111,11 @@ FIRST_WINDOW_STEPS = 8
 #: between windows is found within this many steps plus a window's patience.
 MAX_WINDOW_GAP_STEPS = 40
 #: The always-on sentinel of non-finite losses and gradients looks every this many optimizer
-#: steps (one device reduction and a small transfer that does not wait on CUDA).
+#: steps (one device reduction and a small transfer that does not wait on CUDA): on an
+#: accelerator the values land a step or more after the look, on the CPU at once (so it looks
+#: less often there, for the same bound).
 FINITE_EVERY_STEPS = 5
+FINITE_EVERY_STEPS_CPU = 8
 #: The bounds GradientAudit() keeps, in optimizer steps from a bug's first step to its finding
 #: (the report states them; tests/callbacks/test_latency.py pins them).
 LATENCY_BOUNDS: dict[str, int] = {
@@ -183,8 +199,9 @@ class GradientAudit(AuditCallback):
         self.recompute = recompute
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         self._batch_started: float | None = None
-        # Whether the watching checks watch the current batch (None: not known yet).
-        self._watching: bool | None = None
+        # Whether the watching checks, and the sanity check, watch the current batch (None: not
+        # known yet).
+        self._watching: tuple[bool, bool] | None = None
         self._own_seconds = 0.0  # in this callback's hooks, its checks' included
         self._every_n_steps_given = every_n_steps
         # One pass of gradient norms per optimizer step for the checks that read them.
@@ -228,6 +245,21 @@ class GradientAudit(AuditCallback):
                 self.budget, WATCH_SHARE, WATCH_WINDOW_STEPS, max_gap=MAX_WINDOW_GAP_STEPS
             )
         self._window_steps = WATCH_WINDOW_STEPS
+        self._sanity_window_steps = SANITY_WINDOW_STEPS
+        # Whether the sanity check watches only the first window and those the sentinels ask
+        # for (set at train start: where a sentinel looks and the zero-grad check keeps the
+        # spaced windows).
+        self._sanity_on_hints = False
+        self._sanity_hints_allowed = True  # False: it watches every window (tests of windows)
+        # Windows opened for parameters a sentinel's look found without a gradient.
+        self.missing_hints = 0
+        self._hint_window = False  # whether the window open now was opened for one
+        self._hint_seen: Any = None  # the sentinel's latest WithoutGrad already acted on
+        self._hint_quiet_until = 0  # no hint before this optimizer step
+        self._hint_wait = MISSING_HINT_WAIT_STEPS[0]
+        self._missing_known: tuple[int, frozenset[int]] = (0, frozenset())
+        # Per optimizer: its parameters, and their count when listed (for the sentinel's look).
+        self._look_params: list[tuple[int, list[Any]]] = []
         # Always-on sentinels (set up at train start): a NaN/Inf loss or gradient makes the
         # sanity check read at once; an optimizer stepping on the gradient tensor it stepped on
         # before opens a window for the zero-grad check.
@@ -261,13 +293,24 @@ class GradientAudit(AuditCallback):
         which checks sleep (see :mod:`~grad_callbacks.callbacks.routing`). The routes hold
         hook bodies, which pickle cannot carry, so a copy routes again (:meth:`__setstate__`)."""
         self._router = Router(self.checks)
-        # Lightning calls every hook of every callback at every batch; a per-batch hook that no
-        # check implements is Lightning's no-op here, not a wrapper that finds nothing to do.
-        for name in BATCH_HOOKS - _OWN_HOOKS:
-            if self._router.targets[name]:
-                self.__dict__.pop(name, None)
+        self._router.listener = self._follow_routes
+        self._follow_routes()
+
+    def _follow_routes(self) -> None:
+        """Lightning calls every hook of every callback at every batch: a per-batch hook with
+        nothing to do in it now (no awake check's, and under automatic optimization no loss to
+        take in ``on_before_backward``) is Lightning's no-op here, not a wrapper that finds
+        nothing to do."""
+        batch, own = self._router.batch, self.__dict__
+        for name in _FORWARDED_BATCH_HOOKS:
+            if batch[name]:
+                own.pop(name, None)
             else:
-                self.__dict__[name] = _noop
+                own[name] = _noop
+        if self._automatic and not batch["on_before_backward"]:
+            own["on_before_backward"] = _noop
+        else:
+            own.pop("on_before_backward", None)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -354,36 +397,62 @@ class GradientAudit(AuditCallback):
             if self.budget is not None and not self._gc_clock:
                 clock.install()  # the collector's pauses are left out of the audit's time
                 self._gc_clock = True
-            patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
-            self._window_steps = max(WATCH_WINDOW_STEPS, patience + 1)
             if self.watch_windows is not None:
                 self.watch_windows.accumulate = 0  # the lengths are set at the first batch
             self._watching = None
             self._automatic = bool(pl_module.automatic_optimization)
+            self._follow_routes()
             self._call("on_train_start", trainer, pl_module)
             AuditCallback.on_train_start(self, trainer, pl_module)
             self._start_sentinels(trainer)
+            self._set_window_steps()
         finally:
             self._own_seconds += perf_counter() - _GC[0] - start
 
     def _start_sentinels(self, trainer: pl.Trainer) -> None:
         self._optimizers = list(trainer.optimizers)
         self._optimizer_index = {id(opt): i for i, opt in enumerate(self._optimizers)}
+        self._look_params = [(-1, []) for _ in self._optimizers]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        # With a GradScaler, NaN/Inf gradients are the scaler's business (it skips the step).
+        # With a GradScaler, NaN/Inf gradients are the scaler's business (it skips the step):
+        # the looks then only find parameters without a gradient.
         scaled = scaler is not None and bool(scaler.is_enabled())
-        usable = self._sanity is not None and not self._sanity._inactive and not scaled
-        self.finite_sentinel = FiniteSentinel(FINITE_EVERY_STEPS) if usable else None
+        usable = self._sanity is not None and not self._sanity._inactive
+        module = trainer.lightning_module
+        first = next(iter(module.parameters()), None) if module is not None else None
+        on_cpu = first is not None and first.device.type == "cpu"
+        every = FINITE_EVERY_STEPS_CPU if on_cpu else FINITE_EVERY_STEPS
+        self.finite_sentinel = (
+            FiniteSentinel(every, count_nonfinite=not scaled) if usable else None
+        )
         self.clear_sentinel = None
         if self.watch_windows is not None and self._zero_grad is not None:
             if not self._zero_grad._inactive:
                 self.clear_sentinel = ClearSentinel(self._optimizers)
 
+    def _set_window_steps(self) -> None:
+        """The windows' lengths in optimizer steps, once the sentinels are known."""
+        patience = max((getattr(c, "patience", 1) for c in self._watchers), default=1)
+        self._sanity_window_steps = max(SANITY_WINDOW_STEPS, patience + 1)
+        zero_grad = self._zero_grad
+        self._sanity_on_hints = (
+            self._sanity_hints_allowed
+            and self.watch_windows is not None
+            and self.finite_sentinel is not None
+            and self._sanity in self._watchers
+            and zero_grad is not None
+            and zero_grad in self._watchers
+            and not zero_grad._inactive
+        )
+        short = self._sanity_on_hints and self._automatic
+        self._window_steps = WATCH_WINDOW_STEPS if short else self._sanity_window_steps
+        self._hint_window, self._hint_seen = False, None
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_started = perf_counter()
-        start = self._batch_started - _GC[0]
+        self._batch_started = started = perf_counter()
+        start = started - _GC[0]
         self._own_before = self._own_seconds
         self._before = {}
         router = self._router
@@ -396,11 +465,18 @@ class GradientAudit(AuditCallback):
             self._batch_idx = batch_idx
             if router.next_wake is not None and step >= router.next_wake:
                 self._wake_due(step)
-            if self.finite_sentinel is not None and self.finite_sentinel._reads:
+            finite = self.finite_sentinel
+            if finite is not None and finite._reads:
                 self._poll_finite()
-            if self.watch_windows is not None:
-                self._choose_watching(trainer, batch_idx)
-            if self._router.batch["on_train_batch_start"]:
+            windows = self.watch_windows
+            if windows is not None:
+                # Most batches change nothing: the window (or gap) goes on.
+                if (
+                    trainer.accumulate_grad_batches != windows.accumulate
+                    or windows.tick() is None
+                ):
+                    self._choose_watching(trainer, batch_idx)
+            if router.batch["on_train_batch_start"]:
                 self._call("on_train_batch_start", trainer, pl_module, batch, batch_idx)
         finally:
             self._own_seconds += perf_counter() - _GC[0] - start
@@ -421,23 +497,36 @@ class GradientAudit(AuditCallback):
         # A window opens where an accumulation window does, so that its first step's count of
         # micro-batches is exact.
         watch = windows.watch(spent, may_open=batch_idx % windows.accumulate == 0)
-        if watch == self._watching:
+        # The sanity check watches the first window and those asked for, unless it watches all.
+        sanity = watch and (
+            not self._sanity_on_hints or windows.on_request or windows.in_first_window
+        )
+        state = (watch, sanity)
+        if state == self._watching:
             return
-        self._watching = watch
+        was_watching = self._watching is not None and self._watching[0]
+        self._watching = state
         for check in self._watchers:
-            if check.watching != watch:
+            wanted = sanity if check is self._sanity else watch
+            if check.watching != wanted:
                 self._touch(self._router.index(check))
-                check.start_watching() if watch else check.stop_watching()
-                if watch:
+                check.start_watching() if wanted else check.stop_watching()
+                if wanted:
                     self._router.wake(check)
         self._router.rebuild()
+        if not sanity and self._hint_window:
+            # The window opened for parameters without a gradient is over: hints wait longer
+            # each time (a parameter that gets a gradient at some steps only keeps hinting).
+            self._hint_window = False
+            self._hint_quiet_until = self._step + self._hint_wait
+            self._hint_wait = min(2 * self._hint_wait, MISSING_HINT_WAIT_STEPS[1])
         if not watch and self._clear_window is not None and self._zero_grad is not None:
             # The window the clear sentinel asked for is over: when the exact check found
             # nothing, the sentinel is wrong for this run (gradients cleared in place).
             if len(self._zero_grad.findings) == self._clear_window:
                 self.clear_sentinel = None
             self._clear_window = None
-        if watch and self.clear_sentinel is not None:
+        if watch and not was_watching and self.clear_sentinel is not None:
             self.clear_sentinel.reset()
 
     def on_before_backward(
@@ -446,49 +535,91 @@ class GradientAudit(AuditCallback):
         start = perf_counter() - _GC[0]
         try:
             finite = self.finite_sentinel
-            if finite is not None:
-                # In manual optimization the step moves within the batch.
-                step = self._step if self._automatic else trainer.global_step
-                finite.add_loss(loss, step, self._batch_idx)
+            if finite is not None and not self._automatic:
+                # In manual optimization the step moves within the batch. (Under automatic
+                # optimization the loss comes at the batch's end, already detached.)
+                finite.add_loss(loss, trainer.global_step, self._batch_idx)
             if self._router.batch["on_before_backward"]:
                 self._call("on_before_backward", trainer, pl_module, loss)
         finally:
             self._own_seconds += perf_counter() - _GC[0] - start
 
     def _poll_finite(self) -> None:
-        assert self.finite_sentinel is not None
-        found = self.finite_sentinel.poll()
+        sentinel = self.finite_sentinel
+        assert sentinel is not None and self._sanity is not None
+        found = sentinel.poll()
         if found is not None:
-            assert self._sanity is not None
             self._touch(self._router.index(self._sanity))
             self._sanity.nonfinite_seen(found)
             self._wake(self._sanity)
             self.finite_sentinel = None  # its work is done: the sanity check reports it
-            if self.watch_windows is not None and not self._sanity.watching:
-                self.watch_windows.request()
+            windows = self.watch_windows
+            if windows is not None and not self._sanity.watching:
+                windows.request(self._sanity_window_steps * windows.accumulate)
+            return
+        without = sentinel.without_grad
+        if without is not self._hint_seen:
+            self._hint_seen = without
+            if without is not None and without.params and self._sanity_on_hints:
+                self._hint_missing(without.params)
+
+    def _hint_missing(self, params: frozenset[int]) -> None:
+        """A look found ``params`` (ids) without a gradient: the sanity check watches a window
+        to tell a missing gradient (``patience`` steps in a row) from an occasional one."""
+        sanity, windows = self._sanity, self.watch_windows
+        assert sanity is not None and windows is not None
+        if sanity.watching or self._hint_window or self._step < self._hint_quiet_until:
+            return
+        if params <= self._missing_reported(sanity):
+            return  # already reported as missing
+        windows.request(self._sanity_window_steps * windows.accumulate)
+        self._hint_window = True
+        self.missing_hints += 1
+
+    def _missing_reported(self, sanity: GradientSanityCheck) -> frozenset[int]:
+        """The ids of the parameters the sanity check has reported as missing a gradient."""
+        findings = sanity.findings
+        if self._missing_known[0] != len(findings):
+            by_name = {name: i for i, name in sanity._names.items()}
+            ids = {
+                by_name[name]
+                for f in findings
+                if f.code == "missing-grad"
+                for name in f.params
+                if name in by_name
+            }
+            self._missing_known = (len(findings), frozenset(ids))
+        return self._missing_known[1]
 
     def _sentinels_at_step(self, trainer: pl.Trainer, optimizer: Any) -> None:
         raw = getattr(optimizer, "_optimizer", optimizer)
         index = self._optimizer_index.get(id(raw))
         if index is None:
             return
-        clear = self.clear_sentinel
-        if clear is not None and clear.step(index) and self._zero_grad is not None:
-            if not self._zero_grad.watching and self._clear_window is None:
-                assert self.watch_windows is not None
-                self.watch_windows.request()
-                self._clear_window = len(self._zero_grad.findings)
         finite = self.finite_sentinel
-        if finite is not None and finite.due():
-            grads = [
-                p.grad
-                for group in raw.param_groups
-                for p in group["params"]
-                if p.grad is not None and p.requires_grad
-            ]
-            norms = self._norm_cache.norms(grads) if grads else None
+        look = finite is not None and finite.due(index)
+        clear = self.clear_sentinel
+        # At the finite sentinel's looks (at every step without one): the same gradient tensor
+        # as at the optimizer's previous look means no zero_grad(set_to_none=True) in between.
+        if clear is not None and (look or finite is None) and clear.step(index):
+            if self._zero_grad is not None and not self._zero_grad.watching:
+                if self._clear_window is None:
+                    assert self.watch_windows is not None
+                    self.watch_windows.request()
+                    self._clear_window = len(self._zero_grad.findings)
+        if look:
+            assert finite is not None
+            groups = raw.param_groups
+            count = sum(len(group["params"]) for group in groups)
+            listed, params = self._look_params[index]
+            if listed != count:  # new parameter groups (unfreezing)
+                params = [p for group in groups for p in group["params"]]
+                self._look_params[index] = (count, params)
+            cache = self._norm_cache
+            # The norms a check computed in this hook are reused (same tensors, unchanged).
+            norm_fn = cache.norms if cache._key is not None else None
             step = self._step if self._automatic else trainer.global_step
-            finite.check(grads, step, self._batch_idx, norms=norms)
+            finite.check(params, step, self._batch_idx, norm_fn=norm_fn)
             self._poll_finite()
 
     def on_before_optimizer_step(
@@ -520,13 +651,20 @@ class GradientAudit(AuditCallback):
     ) -> None:
         start = perf_counter() - _GC[0]
         try:
+            finite = self.finite_sentinel
+            if finite is not None and self._automatic and type(outputs) is dict:
+                # Lightning's own detached copy of the loss (divided by accumulate_grad_batches)
+                loss = outputs.get("loss")
+                if loss is not None:
+                    finite.add_detached_loss(loss, self._step, batch_idx)
             if self._router.batch["on_train_batch_end"]:
                 self._call("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
             # What the base class's hook does for a check inside a bundle, for the checks that
-            # have no hook of their own.
-            for check in self._router.flushed_only:
-                if check._pending_scalars:
-                    check._flush_scalars(trainer)
+            # have no hook of their own (only a check that ran in this batch queued scalars).
+            if self._before or self._router.awake_indices:
+                for check in self._router.flushed_only:
+                    if check._pending_scalars:
+                        check._flush_scalars(trainer)
             BASE_HOOK_BODIES["on_train_batch_end"](
                 self, trainer, pl_module, outputs, batch, batch_idx
             )
@@ -547,6 +685,7 @@ class GradientAudit(AuditCallback):
         the budget schedules."""
         assert self.budget is not None and self._batch_started is not None
         outside = scheduled = watching = 0.0
+        # (No check ran in most batches: then the loop has nothing to add.)
         for i, (total_before, outside_before) in self._before.items():
             check = self.checks[i]
             out = check.outside_seconds

@@ -84,7 +84,9 @@ def audit_hook(name: str, body: Callable[..., None]) -> Callable[..., None]:
 
     eager = torch.compiler.disable(run)
 
-    # ``run`` inlined: Lightning calls a bundle's hooks several times per batch.
+    # Lightning calls a bundle's hooks several times per batch: the usual case (an active
+    # check, outside dynamo, with nothing to agree on) calls the body and nothing else. A call
+    # nested in the body runs the body too, as ``run`` would.
     @functools.wraps(body)
     def hook(self: AuditCallback, *args: Any, **kwargs: Any) -> None:
         # What torch.compiler.is_compiling() answers outside TorchScript, read without its two
@@ -95,21 +97,10 @@ def audit_hook(name: str, body: Callable[..., None]) -> Callable[..., None]:
             else torch.compiler.is_compiling()
         ):
             eager(self, *args, **kwargs)
-            return
-        if self._in_hook:
+        elif self._inactive or self._in_hook or (agree and self._distributed_fit):
+            run(self, *args, **kwargs)
+        else:
             body(self, *args, **kwargs)
-            return
-        work: Callable[..., None] | None = body
-        if self._inactive:
-            work = BASE_HOOK_BODIES.get(name)
-        if work is not None:
-            self._in_hook = True
-            try:
-                work(self, *args, **kwargs)
-            finally:
-                self._in_hook = False
-        if agree and self._distributed_fit:
-            self._agree_to_raise()
 
     hook.__audit_hook__ = True  # type: ignore[attr-defined]
     return hook

@@ -69,6 +69,8 @@ class Router:
             (c, b) for c, b in self.targets["on_train_batch_end"] if b is not base_end
         ]
         self.awake = [True] * len(self.checks)
+        #: Called after every rebuild of the routes (the owner follows them).
+        self.listener: Callable[[], None] | None = None
         #: The indices of the awake checks.
         self.awake_indices = list(range(len(self.checks)))
         self.wake_at: list[int | None] = [None] * len(self.checks)
@@ -94,6 +96,8 @@ class Router:
             ]
             for name in BATCH_HOOKS
         }
+        if self.listener is not None:
+            self.listener()
 
     def settle(self, step: int) -> bool:
         """At the end of a batch: put to sleep every awake check whose per-batch hooks have

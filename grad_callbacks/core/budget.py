@@ -173,6 +173,10 @@ class WatchWindows:
         self.first_length = first_length
         #: Windows asked for by :meth:`request`.
         self.requested = 0
+        #: Whether the window open now (or the last one) opened on a :meth:`request`.
+        self.on_request = False
+        self._wanted_length = 0
+        self._open_length = 0  # batches in the window open now
         #: Whether the last gap was cut to ``max_gap`` (the budget alone would have waited
         #: longer): the windows then cost more than their share, and their cost is fixed.
         self.capped = False
@@ -191,11 +195,26 @@ class WatchWindows:
         elsewhere any value does, and the owner need not add up its checks' time."""
         batch = self.batches
         if self._opened_at is not None:
-            length = self.length
-            if self._opened_at == 0:
-                length = max(length, self.first_length)
-            return batch >= self._opened_at + length
+            return batch >= self._opened_at + self._open_length
         return self._wanted or batch >= self._next_open
+
+    def tick(self) -> bool | None:
+        """Count the next batch when nothing changes at it (the open window, or the gap, goes
+        on, and no window is wanted): whether it is watched. None, counting nothing, where
+        :meth:`watch` must decide (a window opens or closes, or one was requested)."""
+        batch = self.batches
+        if self._wanted:
+            return None
+        if self._opened_at is not None:
+            if batch >= self._opened_at + self._open_length:
+                return None
+            self.batches = batch + 1
+            self.watched += 1
+            return True
+        if batch >= self._next_open:
+            return None
+        self.batches = batch + 1
+        return False
 
     def watch(self, spent: float, may_open: bool = True) -> bool:
         """Whether to watch the next batch; call once per batch, in order.
@@ -207,9 +226,7 @@ class WatchWindows:
         batch = self.batches
         self.batches += 1
         if self._opened_at is not None:
-            length = self.length
-            if self._opened_at == 0:
-                length = max(length, self.first_length)
+            length = self._open_length
             if batch < self._opened_at + length:
                 self.watched += 1
                 return True
@@ -221,14 +238,22 @@ class WatchWindows:
             self._opened_at = None
         if (batch >= self._next_open or self._wanted) and may_open:
             self._opened_at, self._spent_at_open = batch, spent
-            self._wanted = False
+            self.on_request = self._wanted
+            length = self.length
+            if batch == 0:
+                length = max(length, self.first_length)
+            if self._wanted:
+                length = max(length, self._wanted_length)
+            self._open_length = length
+            self._wanted, self._wanted_length = False, 0
             self.watched += 1
             return True
         return False
 
-    def request(self) -> None:
+    def request(self, length: int = 0) -> None:
         """Open a window at the next batch where one may open (or, if one is open, another
-        right after it)."""
+        right after it), of at least ``length`` batches."""
+        self._wanted_length = max(self._wanted_length, length)
         if not self._wanted:
             self._wanted = True
             self.requested += 1
@@ -238,6 +263,11 @@ class WatchWindows:
         if self.budget is None:
             return 1
         return self.budget.interval(window_seconds, self.share)
+
+    @property
+    def in_first_window(self) -> bool:
+        """Whether the window open now is the first one (from the first batch)."""
+        return self._opened_at == 0
 
     @property
     def watched_share(self) -> float:

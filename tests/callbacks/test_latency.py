@@ -19,7 +19,11 @@ import pytest
 import torch
 
 from grad_callbacks import GradientAudit
-from grad_callbacks.callbacks.audit import LATENCY_BOUNDS, MAX_WINDOW_GAP_STEPS
+from grad_callbacks.callbacks.audit import (
+    LATENCY_BOUNDS,
+    MAX_WINDOW_GAP_STEPS,
+    WATCH_WINDOW_STEPS,
+)
 from tests import zoo
 from tests.zoo import FirstSeen
 
@@ -41,8 +45,8 @@ def run(module: L.LightningModule, data: Any, batches: int) -> tuple[GradientAud
 
 
 # Onsets: inside a gap, and right after a window closed (windows open every
-# MAX_WINDOW_GAP_STEPS batches and watch 4).
-ONSETS = (17, MAX_WINDOW_GAP_STEPS + 4)
+# MAX_WINDOW_GAP_STEPS batches and watch WATCH_WINDOW_STEPS).
+ONSETS = (17, MAX_WINDOW_GAP_STEPS + WATCH_WINDOW_STEPS)
 BATCHES = MAX_WINDOW_GAP_STEPS * 2 + 20
 
 

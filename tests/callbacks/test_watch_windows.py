@@ -37,14 +37,18 @@ class FixedWindows(WatchWindows):
     def gap(self, window_seconds: float) -> int:
         return PERIOD
 
-    def request(self) -> None:
+    def request(self, length: int = 0) -> None:
         """No extra windows (the sentinels' are tested in test_latency.py)."""
 
 
 def _audit(**kwargs: Any) -> GradientAudit:
+    """Both checks watch every window, of 4 batches (by default the sanity check watches only
+    the first window and those its sentinel asks for, and the others last 2 batches: see
+    test_sanity_hints.py)."""
     audit = GradientAudit(checks=[ZeroGradCheck, GradientSanityCheck], **kwargs)
     # length and max_gap are set at train start; max_gap no shorter than PERIOD here
     audit.watch_windows = FixedWindows(None, share=1.0, length=1)
+    audit._sanity_hints_allowed = False
     return audit
 
 
