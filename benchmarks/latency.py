@@ -19,10 +19,12 @@ tests/zoo_real.py, and a GAN in manual optimization for the leak):
   100th on in wall time and in this process's CPU time; printed are the ratios to the run
   without a callback of the fastest runs (the least disturbed by other load on a shared
   machine) and of the medians, the audit's own measure of its steady state
-  (``overhead.steady_state.measured`` in the report), its one-time first-batch cost in seconds
-  and in training steps, the share of batches its per-step checks watched, and the load
-  average (1 min) before and after: wall-time figures taken under load are not a measure of
-  the audit.
+  (``overhead.steady_state.measured`` in the report), the time per batch in the hooks of the
+  audit and of the callback that does nothing as Lightning calls them (timed around each call
+  in Lightning's own dispatch, so the audit's hook wrappers and its tensor hooks are in it), its
+  one-time first-batch cost in seconds and in training steps, the share of batches its per-step
+  checks watched, and the load average (1 min) before and after: wall-time figures taken under
+  load are not a measure of the audit.
 
 Not a test: the suite pins the latency bounds in steps (tests/callbacks/test_latency.py), which
 do not depend on machine speed.
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import lightning.pytorch.trainer.call as lightning_call
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -154,6 +157,46 @@ class Nothing(L.Callback):
     """A callback that does nothing: Lightning still calls each of its hooks at every batch."""
 
 
+class HookTimes:
+    """Seconds each callback spent in the hooks Lightning called on it, from batch ``start`` on:
+    Lightning's ``_call_callback_hooks``, with a timer around each callback's call (its
+    profiler's context manager stays outside the timer, as for every callback)."""
+
+    def __init__(self, start: int = 100) -> None:
+        self.start = start
+        self.seconds: dict[str, float] = {}
+        self._original = lightning_call._call_callback_hooks
+
+    def __enter__(self) -> HookTimes:
+        original = self._original
+
+        def timed(trainer: L.Trainer, hook_name: str, *args: Any, **kwargs: Any) -> None:
+            if trainer.fit_loop.epoch_loop.total_batch_idx < self.start or kwargs:
+                original(trainer, hook_name, *args, **kwargs)
+                return
+            pl_module = trainer.lightning_module
+            if pl_module:
+                previous = pl_module._current_fx_name
+                pl_module._current_fx_name = hook_name
+            for callback in trainer.callbacks:
+                fn = getattr(callback, hook_name)
+                if callable(fn):
+                    with trainer.profiler.profile(f"[Callback]{callback.state_key}.{hook_name}"):
+                        t0 = time.perf_counter()
+                        fn(trainer, trainer.lightning_module, *args)
+                        spent = time.perf_counter() - t0
+                    name = type(callback).__name__
+                    self.seconds[name] = self.seconds.get(name, 0.0) + spent
+            if pl_module:
+                pl_module._current_fx_name = previous
+
+        lightning_call._call_callback_hooks = timed  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        lightning_call._call_callback_hooks = self._original
+
+
 def latency(name: str, bug: str, onset: int, after: int) -> dict[str, Any]:
     torch.manual_seed(0)
     steps = onset + after
@@ -181,6 +224,7 @@ def latency(name: str, bug: str, onset: int, after: int) -> dict[str, Any]:
 def overhead(name: str, steps: int, repeats: int) -> dict[str, Any]:
     wall: dict[str, list[float]] = {"bare": [], "nothing": [], "audit": []}
     cpu: dict[str, list[float]] = {"bare": [], "nothing": [], "audit": []}
+    hooks: dict[str, list[float]] = {"nothing": [], "audit": []}  # seconds per steady batch
     reports: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]
     for _ in range(repeats):
@@ -194,9 +238,13 @@ def overhead(name: str, steps: int, repeats: int) -> dict[str, Any]:
                 callbacks.append(audit)
             elif arm == "nothing":
                 callbacks.append(Nothing())
-            _trainer(callbacks, steps).fit(module, data)
+            with HookTimes() as timed:
+                _trainer(callbacks, steps).fit(module, data)
             wall[arm].append(clock.seconds)
             cpu[arm].append(clock.cpu_seconds)
+            if arm in hooks:
+                timed_class = "GradientAudit" if arm == "audit" else "Nothing"
+                hooks[arm].append(timed.seconds.get(timed_class, 0.0) / (steps - 100))
             if audit is not None:
                 reports.append(audit.report_extras()["overhead"])
     last = reports[-1]
@@ -205,6 +253,7 @@ def overhead(name: str, steps: int, repeats: int) -> dict[str, Any]:
         fastest = min(times[arm]) / min(times["bare"])
         return fastest, statistics.median(times[arm]) / statistics.median(times["bare"])
 
+    audit_hooks, nothing_hooks = (statistics.median(hooks[arm]) for arm in ("audit", "nothing"))
     return {
         "ratio": ratios(wall, "audit"),
         "ratio_nothing": ratios(wall, "nothing"),
@@ -212,6 +261,9 @@ def overhead(name: str, steps: int, repeats: int) -> dict[str, Any]:
         "cpu_ratio_nothing": ratios(cpu, "nothing"),
         "steady_measured": statistics.median(r["steady_state"]["measured"] for r in reports),
         "step_ms": 1e3 * min(wall["bare"]) / (steps - 100),
+        # The audit's hooks, less a do-nothing callback's, as a share of a step (medians).
+        "hooks_us": (1e6 * audit_hooks, 1e6 * nothing_hooks),
+        "hooks_share": (audit_hooks - nothing_hooks) / (min(wall["bare"]) / (steps - 100)),
         "one_time_s": last["one_time"]["seconds"],
         "one_time_steps": last["one_time"]["training_steps"],
         "watched": last["watched_share"],
@@ -226,11 +278,13 @@ def _pair(pair: tuple[float, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=600, help="batches per overhead run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--onset", type=int, default=150, help="batch where bugs start")
     parser.add_argument("--after", type=int, default=70, help="batches run after the onset")
     parser.add_argument("--models", default="mlp,cnn,vit,gan")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: the quietest wall times)"
+    )
     parser.add_argument("--no-latency", action="store_true", help="the cost only")
     parser.add_argument("--no-cost", action="store_true", help="the latency only")
     args = parser.parse_args()
@@ -259,7 +313,9 @@ def main() -> None:
             f"median): wall {_pair(cost['ratio'])}, cpu {_pair(cost['cpu_ratio'])}; a callback "
             f"doing nothing: wall {_pair(cost['ratio_nothing'])}, cpu "
             f"{_pair(cost['cpu_ratio_nothing'])} | audit's own steady measure "
-            f"{cost['steady_measured']:.3f} | one-time {cost['one_time_s']:.3f} s = "
+            f"{cost['steady_measured']:.3f} | hooks per batch {cost['hooks_us'][0]:.0f} us "
+            f"(nothing {cost['hooks_us'][1]:.0f} us): {cost['hooks_share']:.3f} of a step | "
+            f"one-time {cost['one_time_s']:.3f} s = "
             f"{cost['one_time_steps']:.0f} steps | watched {cost['watched']:.2f} | load "
             f"{cost['load'][0]:.1f}-{cost['load'][1]:.1f}",
             flush=True,
@@ -279,15 +335,16 @@ def main() -> None:
 
 def _cost_table(costs: list[tuple[str, dict[str, Any]]]) -> None:
     print("| model | step (ms) | audit: wall / cpu ratio, fastest (median) | a callback doing "
-          "nothing: wall / cpu | audit's steady measure | one-time (s / steps) | watched | "
-          "load |")
-    print("|---|---|---|---|---|---|---|---|")
+          "nothing: wall / cpu | audit's steady measure | hooks per batch: audit / nothing (us) "
+          "| audit less nothing, of a step | one-time (s / steps) | watched | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, cost in costs:
         print(
             f"| {name} | {cost['step_ms']:.1f} | {cost['ratio'][0]:.3f} "
             f"({cost['ratio'][1]:.3f}) / {cost['cpu_ratio'][0]:.3f} ({cost['cpu_ratio'][1]:.3f})"
             f" | {cost['ratio_nothing'][0]:.3f} / {cost['cpu_ratio_nothing'][0]:.3f} | "
-            f"{cost['steady_measured']:.3f} | {cost['one_time_s']:.2f} / "
+            f"{cost['steady_measured']:.3f} | {cost['hooks_us'][0]:.0f} / {cost['hooks_us'][1]:.0f}"
+            f" | {cost['hooks_share']:.3f} | {cost['one_time_s']:.2f} / "
             f"{cost['one_time_steps']:.0f} | {cost['watched']:.2f} | {cost['load'][0]:.1f}-"
             f"{cost['load'][1]:.1f} |"
         )

@@ -91,7 +91,8 @@ BUDGET_SHARES: dict[str, float] = {"PerSampleGradientCheck": 0.5, "GradientMonit
 WATCH_SHARE = 0.4
 #: Optimizer steps per spaced watch window: the zero-grad check judges each step of a window but
 #: the first (whose previous step it did not see). Under manual optimization, where optimizers
-#: may step at different rates, windows last SANITY_WINDOW_STEPS.
+#: may step at different rates, windows last that many batches once every optimizer has
+#: stepped at every batch so far, else SANITY_WINDOW_STEPS.
 WATCH_WINDOW_STEPS = 2
 #: Optimizer steps per window the sanity check watches (at least its patience + 1): the first
 #: window, and those the sentinels ask for. Its NaN/Inf and missing gradients are found by the
@@ -116,6 +117,8 @@ MAX_WINDOW_GAP_STEPS = 40
 #: less often there, for the same bound).
 FINITE_EVERY_STEPS = 5
 FINITE_EVERY_STEPS_CPU = 8
+# The most batches planned idle at once (see GradientAudit._plan_idle).
+_MAX_IDLE_BATCHES = 64
 #: The bounds GradientAudit() keeps, in optimizer steps from a bug's first step to its finding
 #: (the report states them; tests/callbacks/test_latency.py pins them).
 LATENCY_BOUNDS: dict[str, int] = {
@@ -176,6 +179,7 @@ class GradientAudit(AuditCallback):
         "finite_sentinel",
         "clear_sentinel",
         "_optimizers",
+        "_step_total",
     )
 
     def __init__(
@@ -271,6 +275,12 @@ class GradientAudit(AuditCallback):
         self._batch_idx = 0
         self._step = 0  # global_step at the start of the batch
         self._automatic = True
+        self._step_total: Any = None  # Lightning's counter behind trainer.global_step
+        # Batches ahead known to have nothing for the audit to do but count, time and keep the
+        # loss (see _plan_idle), whether the current batch is one, and what such batches took.
+        self._idle_batches = 0
+        self._idle_now = False
+        self._idle_pending = [0, 0.0, 0.0]  # batches, wall seconds, audit seconds (unrecorded)
         self._one_time = False
         self._optimizers: list[Any] = []
         self._optimizer_index: dict[int, int] = {}
@@ -302,6 +312,7 @@ class GradientAudit(AuditCallback):
         take in ``on_before_backward``) is Lightning's no-op here, not a wrapper that finds
         nothing to do."""
         batch, own = self._router.batch, self.__dict__
+        self._idle_batches, self._idle_now = 0, False  # something changed: no idle batches
         for name in _FORWARDED_BATCH_HOOKS:
             if batch[name]:
                 own.pop(name, None)
@@ -406,6 +417,7 @@ class GradientAudit(AuditCallback):
             AuditCallback.on_train_start(self, trainer, pl_module)
             self._start_sentinels(trainer)
             self._set_window_steps()
+            self._follow_global_step(trainer)
         finally:
             self._own_seconds += perf_counter() - _GC[0] - start
 
@@ -413,6 +425,7 @@ class GradientAudit(AuditCallback):
         self._optimizers = list(trainer.optimizers)
         self._optimizer_index = {id(opt): i for i, opt in enumerate(self._optimizers)}
         self._look_params = [(-1, []) for _ in self._optimizers]
+        self._optimizer_steps = [0] * len(self._optimizers)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # With a GradScaler, NaN/Inf gradients are the scaler's business (it skips the step):
         # the looks then only find parameters without a gradient.
@@ -429,6 +442,25 @@ class GradientAudit(AuditCallback):
         if self.watch_windows is not None and self._zero_grad is not None:
             if not self._zero_grad._inactive:
                 self.clear_sentinel = ClearSentinel(self._optimizers)
+
+    def _follow_global_step(self, trainer: pl.Trainer) -> None:
+        """Find the progress counter behind ``trainer.global_step`` (read at every batch: the
+        property goes through several others to reach it); None where it is not found."""
+        self._step_total = None
+        try:
+            loop = trainer.fit_loop.epoch_loop
+            if self._automatic:
+                total = loop.automatic_optimization.optim_progress.optimizer.step.total
+            else:
+                total = loop.manual_optimization.optim_step_progress.total
+            if total.completed == trainer.global_step:
+                self._step_total = total
+        except AttributeError:  # another Lightning's loops: ask the trainer
+            pass
+
+    def _global_step(self, trainer: pl.Trainer) -> int:
+        total = self._step_total
+        return trainer.global_step if total is None else int(total.completed)
 
     def _set_window_steps(self) -> None:
         """The windows' lengths in optimizer steps, once the sentinels are known."""
@@ -448,18 +480,40 @@ class GradientAudit(AuditCallback):
         self._window_steps = WATCH_WINDOW_STEPS if short else self._sanity_window_steps
         self._hint_window, self._hint_seen = False, None
 
+    def _manual_window_steps(self, windows: WatchWindows) -> None:
+        """Under manual optimization, short windows once every optimizer has stepped at every
+        batch so far (each then gets a judged step in a window of two batches)."""
+        steps = self._optimizer_steps
+        every_batch = bool(steps) and min(steps) >= windows.batches - 1
+        self._window_steps = WATCH_WINDOW_STEPS if every_batch else self._sanity_window_steps
+        windows.length = self._window_steps * windows.accumulate
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_started = started = perf_counter()
         start = started - _GC[0]
         self._own_before = self._own_seconds
+        if self._idle_batches:
+            # A batch in a gap with every check asleep (see _plan_idle): count it, and no more.
+            self._idle_batches -= 1
+            self._idle_now = True
+            step = self._step = self._step_total.completed
+            self._one_time = step == 0
+            self._batch_idx = batch_idx
+            if self._before:
+                self._before = {}
+            self.watch_windows.batches += 1  # type: ignore[union-attr]
+            self._own_seconds += perf_counter() - _GC[0] - start
+            return
+        self._idle_now = False
         self._before = {}
         router = self._router
         for i in router.awake_indices:
             self._touch(i)
         try:
-            step = self._step = trainer.global_step
+            total = self._step_total
+            step = self._step = trainer.global_step if total is None else total.completed
             # The batches before the first optimizer step carry the one-time audit.
             self._one_time = step == 0
             self._batch_idx = batch_idx
@@ -514,6 +568,8 @@ class GradientAudit(AuditCallback):
                 if wanted:
                     self._router.wake(check)
         self._router.rebuild()
+        if not watch and was_watching and not self._automatic and self._sanity_on_hints:
+            self._manual_window_steps(windows)
         if not sanity and self._hint_window:
             # The window opened for parameters without a gradient is over: hints wait longer
             # each time (a parameter that gets a gradient at some steps only keeps hinting).
@@ -538,7 +594,7 @@ class GradientAudit(AuditCallback):
             if finite is not None and not self._automatic:
                 # In manual optimization the step moves within the batch. (Under automatic
                 # optimization the loss comes at the batch's end, already detached.)
-                finite.add_loss(loss, trainer.global_step, self._batch_idx)
+                finite.add_loss(loss, self._global_step(trainer), self._batch_idx)
             if self._router.batch["on_before_backward"]:
                 self._call("on_before_backward", trainer, pl_module, loss)
         finally:
@@ -548,6 +604,8 @@ class GradientAudit(AuditCallback):
         sentinel = self.finite_sentinel
         assert sentinel is not None and self._sanity is not None
         found = sentinel.poll()
+        if found is not None or sentinel.without_grad is not None:
+            self._idle_batches, self._idle_now = 0, False  # something to act on
         if found is not None:
             self._touch(self._router.index(self._sanity))
             self._sanity.nonfinite_seen(found)
@@ -596,6 +654,7 @@ class GradientAudit(AuditCallback):
         index = self._optimizer_index.get(id(raw))
         if index is None:
             return
+        self._optimizer_steps[index] += 1
         finite = self.finite_sentinel
         look = finite is not None and finite.due(index)
         clear = self.clear_sentinel
@@ -605,6 +664,7 @@ class GradientAudit(AuditCallback):
             if self._zero_grad is not None and not self._zero_grad.watching:
                 if self._clear_window is None:
                     assert self.watch_windows is not None
+                    self._idle_batches, self._idle_now = 0, False
                     self.watch_windows.request()
                     self._clear_window = len(self._zero_grad.findings)
         if look:
@@ -618,7 +678,7 @@ class GradientAudit(AuditCallback):
             cache = self._norm_cache
             # The norms a check computed in this hook are reused (same tensors, unchanged).
             norm_fn = cache.norms if cache._key is not None else None
-            step = self._step if self._automatic else trainer.global_step
+            step = self._step if self._automatic else self._global_step(trainer)
             finite.check(params, step, self._batch_idx, norm_fn=norm_fn)
             self._poll_finite()
 
@@ -630,7 +690,7 @@ class GradientAudit(AuditCallback):
         start = perf_counter() - _GC[0]
         try:
             if not self._automatic:
-                self._wake_due(trainer.global_step)  # several steps in one batch
+                self._wake_due(self._global_step(trainer))  # several steps in one batch
             if self._router.batch["on_before_optimizer_step"]:
                 self._norm_cache.clear()
                 self._call("on_before_optimizer_step", trainer, pl_module, optimizer)
@@ -650,13 +710,23 @@ class GradientAudit(AuditCallback):
         batch_idx: int,
     ) -> None:
         start = perf_counter() - _GC[0]
+        finite = self.finite_sentinel
+        if finite is not None and self._automatic and type(outputs) is dict:
+            # Lightning's own detached copy of the loss (divided by accumulate_grad_batches)
+            loss = outputs.get("loss")
+            if loss is not None:
+                finite.add_detached_loss(loss, self._step, batch_idx)
+        if self._idle_now:
+            # Nothing happened in this batch (an event would have ended the idle run).
+            self._idle_now = False
+            now = perf_counter()
+            pending = self._idle_pending
+            pending[0] += 1
+            pending[1] += now - self._batch_started  # type: ignore[operator]
+            pending[2] += self._own_seconds - self._own_before + now - _GC[0] - start
+            self._own_seconds += now - _GC[0] - start
+            return
         try:
-            finite = self.finite_sentinel
-            if finite is not None and self._automatic and type(outputs) is dict:
-                # Lightning's own detached copy of the loss (divided by accumulate_grad_batches)
-                loss = outputs.get("loss")
-                if loss is not None:
-                    finite.add_detached_loss(loss, self._step, batch_idx)
             if self._router.batch["on_train_batch_end"]:
                 self._call("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
             # What the base class's hook does for a check inside a bundle, for the checks that
@@ -668,22 +738,59 @@ class GradientAudit(AuditCallback):
             BASE_HOOK_BODIES["on_train_batch_end"](
                 self, trainer, pl_module, outputs, batch, batch_idx
             )
+            if self._router.awake_indices:
+                # The checks with nothing to do before a later step sleep until then. The step
+                # at the start of this batch will do: a check busy at it but not at the next
+                # one sleeps after the next batch.
+                self._router.settle(self._step)
+            self._plan_idle(trainer)
         finally:
             self._own_seconds += perf_counter() - _GC[0] - start
         if self.budget is not None and self._batch_started is not None:
             self._record_batch()
-        if self._router.awake_indices:
-            # The checks with nothing to do before a later step sleep until then (a cost
-            # counted in the next batch). The step at the start of this batch will do: a check
-            # busy at it but not at the next one sleeps after the next batch.
-            start = perf_counter() - _GC[0]
-            self._router.settle(self._step)
-            self._own_seconds += perf_counter() - _GC[0] - start
+
+    def _plan_idle(self, trainer: pl.Trainer) -> None:
+        """How many of the next batches are sure to have nothing for the audit to do but
+        count, time, and keep the loss for the sentinel: in a gap between windows, with every
+        check asleep, no read on its way, before the next wake-up, the next window and the next
+        step whose overhead scalars are logged. Anything that happens meanwhile (a sentinel's
+        finding, a check woken, a window asked for) rebuilds the routes, which ends the run."""
+        self._idle_batches = 0
+        windows, total, router = self.watch_windows, self._step_total, self._router
+        if (
+            windows is None
+            or total is None
+            or not self._automatic
+            or self._distributed_fit
+            or router.awake_indices
+            or windows._opened_at is not None
+            or windows._wanted
+            or trainer.accumulate_grad_batches != windows.accumulate
+        ):
+            return
+        finite = self.finite_sentinel
+        if finite is not None and finite._reads:
+            return
+        step = int(total.completed)  # the next batch's step; each batch adds at most one
+        ahead = windows._next_open - windows.batches
+        if router.next_wake is not None:
+            ahead = min(ahead, router.next_wake - step)
+        ahead = min(ahead, -step % max(trainer.log_every_n_steps, 1), _MAX_IDLE_BATCHES)
+        self._idle_batches = max(ahead, 0)
+
+    def _record_idle(self) -> None:
+        """Tell the budget what the idle batches since the last call took."""
+        batches, wall, spent = self._idle_pending
+        if batches and self.budget is not None:
+            self.budget.record_steps(wall - spent, spent, batches)
+        self._idle_pending = [0, 0.0, 0.0]
 
     def _record_batch(self) -> None:
         """Tell the budget what this batch cost: the audit's time in it, and how much of that
         the budget schedules."""
         assert self.budget is not None and self._batch_started is not None
+        if self._idle_pending[0]:
+            self._record_idle()
         outside = scheduled = watching = 0.0
         # (No check ran in most batches: then the loop has nothing to add.)
         for i, (total_before, outside_before) in self._before.items():
@@ -739,6 +846,7 @@ class GradientAudit(AuditCallback):
     def report_extras(self) -> dict[str, Any]:
         if self.budget is None:
             return {}
+        self._record_idle()
         budget, windows = self.budget, self.watch_windows
         steady = budget.steady_overhead
         return {

@@ -92,6 +92,29 @@ class OverheadBudget:
             self.step_seconds += self.smoothing * (train_seconds - self.step_seconds)
             self.fixed_seconds += self.smoothing * (fixed - self.fixed_seconds)
 
+    def record_steps(self, train_seconds: float, check_seconds: float, batches: int) -> None:
+        """:meth:`record_step` for ``batches`` batches at once whose checks' time is all fixed
+        (batches where every check slept): their total wall time without the checks, and the
+        checks' total time in them."""
+        if batches < 1:
+            return
+        if batches == 1 or self.step_seconds is None:
+            for _ in range(batches):
+                self.record_step(train_seconds / batches, check_seconds / batches)
+            return
+        train_seconds = max(train_seconds, 0.0)
+        check_seconds = max(check_seconds, 0.0)
+        self.train_seconds += train_seconds
+        self.check_seconds += check_seconds
+        steady = min(batches, self.steps + batches - self.steady_from)
+        if steady > 0:  # the batches from steady_from on (alike, as far as is known)
+            self.steady_train_seconds += train_seconds * steady / batches
+            self.steady_check_seconds += check_seconds * steady / batches
+        self.steps += batches
+        weight = 1.0 - (1.0 - self.smoothing) ** batches  # that of as many single steps
+        self.step_seconds += weight * (train_seconds / batches - self.step_seconds)
+        self.fixed_seconds += weight * (check_seconds / batches - self.fixed_seconds)
+
     @property
     def overhead(self) -> float:
         """The checks' time so far as a share of the training time (0 before any step)."""
