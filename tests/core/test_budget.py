@@ -111,3 +111,19 @@ def test_one_time_and_steady_state_are_apart() -> None:
     assert budget.one_time_steps == pytest.approx(5.0)
     assert budget.steady_overhead == pytest.approx(0.02)
     assert budget.overhead == pytest.approx(0.0516 / 0.05)
+
+
+def test_batches_recorded_at_once_count_as_many_single_ones() -> None:
+    """Idle batches go to the budget in bulk: the totals, the steady part and the smoothed step
+    time come out as if they had been recorded one by one."""
+    one, bulk = OverheadBudget(steady_from=5), OverheadBudget(steady_from=5)
+    for budget in (one, bulk):
+        budget.record_step(train_seconds=0.02, check_seconds=0.002)
+    for _ in range(8):
+        one.record_step(train_seconds=0.01, check_seconds=0.0005)
+    bulk.record_steps(train_seconds=0.08, check_seconds=0.004, batches=8)
+    assert bulk.steps == one.steps == 9
+    for name in ("train_seconds", "check_seconds", "steady_train_seconds", "step_seconds",
+                 "fixed_seconds"):
+        assert abs(getattr(bulk, name) - getattr(one, name)) < 1e-12, name
+    assert bulk.steady_check_seconds == pytest.approx(one.steady_check_seconds)
