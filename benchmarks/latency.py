@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grad_callbacks import GradientAudit
-from grad_callbacks.callbacks.audit import LATENCY_BOUNDS
+from grad_callbacks.callbacks.pacing import LATENCY_BOUNDS
 from tests import zoo, zoo_real
 from tests.zoo import FirstSeen
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from grad_callbacks import GradientAudit
-from grad_callbacks.callbacks.audit import (
+from grad_callbacks.callbacks.pacing import (
     LATENCY_BOUNDS,
     MAX_WINDOW_GAP_STEPS,
     WATCH_WINDOW_STEPS,

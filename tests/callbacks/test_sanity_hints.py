@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from grad_callbacks import GradientSanityCheck, ZeroGradCheck
-from grad_callbacks.callbacks.audit import (
+from grad_callbacks.callbacks.pacing import (
     FINITE_EVERY_STEPS_CPU,
     LATENCY_BOUNDS,
     MAX_WINDOW_GAP_STEPS,
