@@ -325,7 +325,7 @@ class GradientAudit(Pacing, AuditCallback):
         self._batch_started = started = perf_counter()
         start = started - _GC[0]
         self._own_before = self._own_seconds
-        if self._idle_batches:
+        if self._idle_batches and self._step_total.completed < self._idle_until_step:
             # A batch in a gap with every check asleep (see _plan_idle): count it, and no more.
             self._idle_batches -= 1
             self._idle_now = True
@@ -337,7 +337,7 @@ class GradientAudit(Pacing, AuditCallback):
             self.watch_windows.batches += 1  # type: ignore[union-attr]
             self._own_seconds += perf_counter() - _GC[0] - start
             return
-        self._idle_now = False
+        self._idle_batches, self._idle_now = 0, False
         self._before = {}
         router = self._router
         for i in router.awake_indices:

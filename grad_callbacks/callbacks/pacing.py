@@ -141,6 +141,7 @@ class Pacing:
         # Batches ahead known to have nothing for the audit to do but count, time and keep the
         # loss (see _plan_idle), whether the current batch is one, and what such batches took.
         self._idle_batches = 0
+        self._idle_until_step = 0
         self._idle_now = False
         self._idle_pending = [0, 0.0, 0.0]  # batches, wall seconds, audit seconds (unrecorded)
 
@@ -362,17 +363,18 @@ class Pacing:
             self._poll_finite()
 
     def _plan_idle(self, trainer: pl.Trainer) -> None:
-        """How many of the next batches are sure to have nothing for the audit to do but
-        count, time, and keep the loss for the sentinel: in a gap between windows, with every
-        check asleep, no read on its way, before the next wake-up, the next window and the next
-        step whose overhead scalars are logged. Anything that happens meanwhile (a sentinel's
-        finding, a check woken, a window asked for) rebuilds the routes, which ends the run."""
+        """How many of the next batches may be idle: batches with nothing for the audit to do
+        but count, time, and keep the loss for the sentinel. They are in a gap between windows,
+        with every check asleep and no read on its way, and start before the step at which a
+        check wakes or the audit's overhead scalars are logged (:attr:`_idle_until_step`: a
+        batch starting at it or later is not idle; under manual optimization a batch may take
+        several steps). Anything that happens meanwhile (a sentinel's finding, a check woken, a
+        window asked for) rebuilds the routes, which ends the run."""
         self._idle_batches = 0
         windows, total, router = self.watch_windows, self._step_total, self._router
         if (
             windows is None
             or total is None
-            or not self._automatic
             or self._distributed_fit
             or router.awake_indices
             or windows._opened_at is not None
@@ -383,12 +385,14 @@ class Pacing:
         finite = self.finite_sentinel
         if finite is not None and finite._reads:
             return
-        step = int(total.completed)  # the next batch's step; each batch adds at most one
-        ahead = windows._next_open - windows.batches
+        step = int(total.completed)  # the next batch's step
+        every = max(trainer.log_every_n_steps, 1)
+        until = step + (-step % every)  # the next step whose scalars are logged
         if router.next_wake is not None:
-            ahead = min(ahead, router.next_wake - step)
-        ahead = min(ahead, -step % max(trainer.log_every_n_steps, 1), _MAX_IDLE_BATCHES)
-        self._idle_batches = max(ahead, 0)
+            until = min(until, router.next_wake)
+        self._idle_until_step = until
+        ahead = min(windows._next_open - windows.batches, _MAX_IDLE_BATCHES)
+        self._idle_batches = max(ahead, 0) if until > step else 0
 
     def _record_idle(self) -> None:
         """Tell the budget what the idle batches since the last call took."""
