@@ -15,13 +15,13 @@ tests/zoo_real.py, and a GAN in manual optimization for the leak):
   onset step and batch.
 * **steady-state overhead**: the same model trained clean for ``--steps`` batches without
   the audit, with a callback that does nothing (what Lightning's dispatch of any callback's
-  hooks costs), and with the audit, in turn (A N B A N B ...), timing the batches from the
+  hooks costs), and with the audit, in turn (A N B, N B A, B A N, ...), timing the batches from the
   100th on in wall time and in this process's CPU time; printed are the ratios to the run
   without a callback of the fastest runs (the least disturbed by other load on a shared
   machine) and of the medians, the audit's own measure of its steady state
   (``overhead.steady_state.measured`` in the report), the time per batch in the hooks of the
   audit and of the callback that does nothing as Lightning calls them (timed around each call
-  in Lightning's own dispatch, so the audit's hook wrappers and its tensor hooks are in it), its
+  in Lightning's own dispatch, so the audit's hook wrappers are in it, its tensor hooks not), its
   one-time first-batch cost in seconds and in training steps, the share of batches its per-step
   checks watched, and the load average (1 min) before and after: wall-time figures taken under
   load are not a measure of the audit.
@@ -227,8 +227,10 @@ def overhead(name: str, steps: int, repeats: int) -> dict[str, Any]:
     hooks: dict[str, list[float]] = {"nothing": [], "audit": []}  # seconds per steady batch
     reports: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]
-    for _ in range(repeats):
-        for arm in wall:
+    arms = list(wall)
+    for repeat in range(repeats):
+        # The order turns at each repeat (A N B, N B A, B A N, ...): no arm always runs last.
+        for arm in arms[repeat % 3 :] + arms[: repeat % 3]:
             torch.manual_seed(0)
             module, data, _ = MODELS[name](steps)
             clock = SteadyClock()

@@ -68,9 +68,11 @@ class GradientSanityCheck(AuditCallback):
     records local gradient norms (one small kernel per parameter per backward pass).
 
     Inside ``GradientAudit`` with an overhead budget, the check may watch windows of consecutive
-    batches instead of every batch: streaks of steps without a gradient then count observed
-    steps in a row (they start again after each gap), and a NaN/Inf gradient is reported at the
-    first watched step that has one.
+    batches instead of every batch: the first one, and those the audit's sentinel asks for when
+    its look (every few steps, at every gradient) finds a parameter without a gradient or a
+    NaN/Inf (see :mod:`grad_callbacks.callbacks.pacing`). Streaks of steps without a gradient
+    then count observed steps in a row (they start again after each gap), and a NaN/Inf is
+    reported naming the first step where the sentinel saw it.
 
     Scalars (on the Trainer's ``log_every_n_steps`` cadence, at scheduled steps):
     ``grad_audit/sanity/missing_params`` (trainable parameters without a gradient at the step)
