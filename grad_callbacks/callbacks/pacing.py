@@ -140,6 +140,8 @@ class Pacing:
         self._step_total: Any = None  # Lightning's counter behind trainer.global_step
         # Batches ahead known to have nothing for the audit to do but count, time and keep the
         # loss (see _plan_idle), whether the current batch is one, and what such batches took.
+        #: Batches that were idle so far (see _plan_idle), counted when given to the budget.
+        self.idle_batch_count = 0
         self._idle_batches = 0
         self._idle_until_step = 0
         self._idle_now = False
@@ -397,6 +399,7 @@ class Pacing:
     def _record_idle(self) -> None:
         """Tell the budget what the idle batches since the last call took."""
         batches, wall, spent = self._idle_pending
+        self.idle_batch_count += batches
         if batches and self.budget is not None:
             self.budget.record_steps(wall - spent, spent, batches)
         self._idle_pending = [0, 0.0, 0.0]
