@@ -325,18 +325,16 @@ class GradientAudit(Pacing, AuditCallback):
         self._batch_started = started = perf_counter()
         start = started - _GC[0]
         self._own_before = self._own_seconds
-        if self._idle_batches and self._step_total.completed < self._idle_until_step:
-            # A batch in a gap with every check asleep (see _plan_idle): count it, and no more.
-            self._idle_batches -= 1
-            self._idle_now = True
-            step = self._step = self._step_total.completed
-            self._one_time = step == 0
-            self._batch_idx = batch_idx
-            if self._before:
-                self._before = {}
-            self.watch_windows.batches += 1  # type: ignore[union-attr]
-            self._own_seconds += perf_counter() - _GC[0] - start
-            return
+        if self._idle_batches:
+            step = self._step_total.completed
+            if step < self._idle_until_step:
+                # A batch in a gap with every check asleep (see _plan_idle): count it, no more.
+                self._idle_batches -= 1
+                self._idle_now = True
+                self._step, self._batch_idx, self._one_time = step, batch_idx, False
+                self.watch_windows.batches += 1  # type: ignore[union-attr]
+                self._own_seconds += perf_counter() - _GC[0] - start
+                return
         self._idle_batches, self._idle_now = 0, False
         self._before = {}
         router = self._router

@@ -434,6 +434,8 @@ class Pacing:
             one_time=self._one_time,
         )
         self._batch_started = None
+        if self._before:
+            self._before = {}  # (an idle batch's start does not clear it)
         trainer = self._trainer
         # On the logging cadence, by the step the batch started at (no property chain).
         if trainer is not None and self._step % max(trainer.log_every_n_steps, 1) == 0:
