@@ -495,6 +495,8 @@ class GradientAudit(Pacing, AuditCallback):
                 "watch_window_batches": windows.length if windows else None,
                 "max_window_gap_batches": windows.max_gap if windows else None,
                 "windows_requested": windows.requested if windows else 0,
+                "missing_hints": self.missing_hints,
+                "idle_share": round(self.idle_batch_count / max(budget.steps, 1), 6),
                 "latency_bounds_steps": dict(LATENCY_BOUNDS),
             }
         }

@@ -111,6 +111,8 @@ def test_a_batch_where_nothing_is_scheduled_costs_a_few_calls_and_no_host_read()
     # Every batch is in the budget (idle ones in bulk), and most of them were idle.
     assert audit.budget is not None and audit.budget.steps == BATCHES
     assert audit.budget.train_seconds > 0
+    overhead = audit.report_extras()["overhead"]
+    assert overhead["idle_share"] == audit.idle_batch_count / BATCHES > 0.5
     # The audit still looks: windows, sentinel looks and the monitor ran in the other batches.
     assert audit.watch_windows is not None and audit.watch_windows.watched > 0
     assert audit.finite_sentinel is not None and audit.finite_sentinel.looks > 0
