@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from grad_callbacks import GradientSanityCheck, ZeroGradCheck
@@ -26,6 +25,7 @@ from grad_callbacks.callbacks.pacing import (
 )
 from tests import zoo
 from tests.callbacks.test_latency import run
+from tests.callbacks.test_watch_windows import DetachedFrom
 
 BATCHES = 200
 
@@ -49,24 +49,9 @@ def test_on_a_clean_run_the_sanity_check_watches_the_first_window_only() -> None
     assert zero_grad.steps_checked == 8 + WATCH_WINDOW_STEPS * spaced
 
 
-class CutFrom(zoo.MLP):
-    """The first layer is cut off from the loss from batch ``cut_from`` on."""
-
-    def __init__(self, cut_from: int) -> None:
-        super().__init__("sgd")
-        self.cut_from = cut_from
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        h = self.net[0](x)
-        if batch_idx >= self.cut_from:
-            h = h.detach()
-        return nn.functional.mse_loss(self.net[2](self.net[1](h)), y)
-
-
 def test_a_layer_cut_off_in_a_gap_is_found_through_a_hint() -> None:
     onset = 61  # in a gap of the spaced windows, just after a look
-    audit, seen = run(CutFrom(onset), zoo.regression_data(n=4 * BATCHES), BATCHES)
+    audit, seen = run(DetachedFrom(onset), zoo.regression_data(n=4 * BATCHES), BATCHES)
     (finding,) = [f for f in audit.findings if f.code == "missing-grad"]
     assert finding.params == ("net.0.weight", "net.0.bias")
     assert audit.missing_hints >= 1
