@@ -138,10 +138,10 @@ class Pacing:
         self._step = 0  # global_step at the start of the batch
         self._automatic = True
         self._step_total: Any = None  # Lightning's counter behind trainer.global_step
-        # Batches ahead known to have nothing for the audit to do but count, time and keep the
-        # loss (see _plan_idle), whether the current batch is one, and what such batches took.
         #: Batches that were idle so far (see _plan_idle), counted when given to the budget.
         self.idle_batch_count = 0
+        # Batches ahead known to have nothing for the audit to do but count, time and keep the
+        # loss (see _plan_idle), whether the current batch is one, and what such batches took.
         self._idle_batches = 0
         self._idle_until_step = 0
         self._idle_now = False
