@@ -1,19 +1,18 @@
-"""The base of every check's Lightning callback: findings policy, state, DDP gathering, outputs.
+"""The base of every check's Lightning callback: settings, state, pickling, the hooks all share.
 
 A check subclasses :class:`AuditCallback`, maps Lightning hooks to calls into the core, and
 reports :class:`~grad_callbacks.findings.Finding` objects with :meth:`AuditCallback.report`.
-The base class does the rest:
+The base class does the rest, with two mixins that define no Lightning hook of their own
+(:func:`~grad_callbacks.callbacks.hooks.wrap_hooks` wraps only the hooks a class defines
+itself, so every hook stays here):
 
-* the ``on_finding`` policy (``"warn"``: one warning per distinct warning- or error-severity
-  finding, info findings are only recorded; ``"raise"``:
-  :class:`~grad_callbacks.findings.GradientAuditError` on error findings; ``"log"``: record only);
-* gathering findings from every DDP rank at epoch and fit end, in hooks every rank runs;
-* the outputs shared by all checks of a trainer, written once by the first audit callback (the
-  *leader*): the findings text and custom-scalars layout in TensorBoard, and ``grad_audit.json``
-  at the end of fit, also when fit ends by an exception or interrupt, in ``report_dir`` or else
-  the run's log directory (none without a logger: see :func:`run_log_dir`), through Lightning's
-  filesystem layer (fsspec URLs work); the checks' scalars go to the loggers ``loggers``
-  selects (:mod:`grad_callbacks.sinks.loggers`);
+* what becomes of a finding (:mod:`grad_callbacks.callbacks.policy`): the ``on_finding``
+  policy, gathering findings from every DDP rank at epoch and fit end, and the findings of
+  processes ``strategy="ddp_spawn"`` started;
+* the outputs (:mod:`grad_callbacks.callbacks.outputs`): the checks' scalars, to the loggers
+  ``loggers`` selects, and what the first audit callback of a trainer (the *leader*) writes
+  once for all of them: the findings text and custom-scalars layout in TensorBoard, and
+  ``grad_audit.json`` at the end of fit, also when fit ends by an exception or interrupt;
 * ``state_dict`` / ``load_state_dict`` with a ``state_key`` derived from the settings, so
   several instances of a check can coexist in one checkpoint (computed once per fit: Lightning
   reads it at every hook call, to name the hook in its profiler);
@@ -36,49 +35,32 @@ plain.
 from __future__ import annotations
 
 import functools
-import logging
-import warnings
 from collections.abc import Mapping
 from time import perf_counter  # bound at import: a mocked time.perf_counter never sees ours
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
-import torch
 
 from grad_callbacks.callbacks import spawned
-from grad_callbacks.callbacks.distributed import (
-    any_rank,
-    gather_objects,
-    is_distributed,
-    sharded_strategy,
-)
+from grad_callbacks.callbacks.distributed import is_distributed, sharded_strategy
 from grad_callbacks.callbacks.hooks import (
     BASE_HOOK_BODIES,
     CALLBACK_HOOKS,
     wrap_hooks,
 )
+from grad_callbacks.callbacks.outputs import Outputs, _findings_changes, run_log_dir
+from grad_callbacks.callbacks.policy import FindingPolicy
 from grad_callbacks.core.budget import OverheadBudget
 from grad_callbacks.core.clock import GC_SECONDS as _GC
 from grad_callbacks.core.norms import NormFn, grad_norms
-from grad_callbacks.findings import (
-    SEVERITY_RANK,
-    Finding,
-    FindingLog,
-    GradientAuditError,
-    make_finding,
-)
+from grad_callbacks.findings import Finding, FindingLog
 from grad_callbacks.sinks import tensorboard as tb
 from grad_callbacks.sinks.loggers import LoggerSelection, check_selection
-from grad_callbacks.sinks.report import build_report, write_report
-from grad_callbacks.sinks.warnings import warn_finding
+
+__all__ = ["AuditCallback", "OnFinding", "audit_callbacks", "run_log_dir"]
 
 OnFinding = Literal["warn", "raise", "log"]
 _POLICIES = ("warn", "raise", "log")
-_logger = logging.getLogger(__name__)
-
-# How many times some check's findings changed (in this process): the leader looks for a new
-# findings table only when it moved, not by asking every check at every batch.
-_findings_changes = [0]
 
 
 class _StateKey:
@@ -93,7 +75,7 @@ class _StateKey:
         return obj._compute_state_key()
 
 
-class AuditCallback(pl.Callback):
+class AuditCallback(FindingPolicy, Outputs, pl.Callback):
     """Base class of the checks.
 
     Args:
@@ -280,88 +262,7 @@ class AuditCallback(pl.Callback):
         self._announced = {f.key for f in self.findings}
         self.load_extra_state(state_dict.get("extra", {}))
 
-    # ------------------------------------------------------------------ findings
-    @property
-    def findings(self) -> list[Finding]:
-        """Findings of this check, from every rank once gathered, de-duplicated (under
-        ``ddp_spawn``, in the launching process too once fit has returned)."""
-        self._take_back()
-        if not self._remote:
-            return self._log.findings
-        merged = FindingLog()
-        rank = self._trainer.global_rank if self._trainer is not None else 0
-        for r in sorted({rank, *self._remote}):
-            for f in self._log.findings if r == rank else self._remote[r]:
-                merged.merge(f, r)
-        return merged.findings
-
-    def _take_back(self) -> None:
-        """Load what a spawned copy of this callback (or of its bundle) wrote back, if any."""
-        top = self._owner if self._owner is not None else self
-        if top._spawn_return is not None:
-            spawned.take_back(top)
-
-    def _send_back(self, trainer: pl.Trainer) -> None:
-        """In a spawned copy on global rank 0: write back what the launching process reads."""
-        if self._return_to is not None and trainer.is_global_zero:
-            spawned.send_back(self, self._return_to)
-
-    def report(self, finding: Finding) -> None:
-        """Record a finding and apply the ``on_finding`` policy to it."""
-        new = self._log.add(finding)
-        if not new:
-            return
-        self._mark_text_dirty()
-        if self.on_finding == "raise" and finding.severity == "error":
-            if not is_distributed(self._trainer):
-                raise GradientAuditError(finding)
-            self._held = self._held or finding  # raised on every rank at the end of the hook
-            return
-        if self._may_announce(finding):
-            self._announced.add(finding.key)
-            warn_finding(finding)
-
-    def _may_announce(self, finding: Finding) -> bool:
-        # Info findings go to the report and TensorBoard only: a clean run raises no warning.
-        if self.on_finding == "log" or finding.severity == "info" or finding.key in self._announced:
-            return False
-        # Other ranks' findings are announced by rank 0 once gathered.
-        return self._trainer is None or self._trainer.is_global_zero
-
-    def skip(self, reason: str, params: tuple[str, ...] = (), step: int | None = None) -> None:
-        """Report that the check could not run (``check-skipped``); training goes on.
-
-        Args:
-            reason: why, and how to configure the check so that it runs.
-            params: names of the parameters or modules concerned.
-            step: the step the skipped work was about (default: the current step).
-        """
-        self.report(
-            make_finding(
-                "check-skipped",
-                check=self.check_name,
-                step=self.current_step if step is None else step,
-                message=f"{self.check_name} skipped: {reason}. Training goes on.",
-                params=params,
-                data={"reason": reason},
-            )
-        )
-
-    def guarded(self, what: str) -> _Guard:
-        """Run a check's body so that an unexpected error never breaks training.
-
-        The error becomes a ``check-skipped`` finding, unless ``on_finding="raise"``, where it
-        propagates. A :class:`GradientAuditError` always propagates.
-
-        Example:
-            >>> check = AuditCallback(on_finding="log")
-            >>> with check.guarded("the comparison"):
-            ...     raise ValueError("odd batch")
-            >>> check.findings[0].message
-            'AuditCallback skipped: the comparison failed: ValueError: odd batch. Training goes on.'
-        """
-        return _Guard(self, what)
-
+    # ------------------------------------------------------------------ steps and time
     @property
     def current_step(self) -> int:
         """The trainer's global step (what ``self.log`` would stamp), 0 before fit."""
@@ -386,59 +287,6 @@ class AuditCallback(pl.Callback):
     def sampled(self) -> bool:
         """Whether the check watches some batches only (windows under GradientAudit's budget)."""
         return self.watches_steps and getattr(self._owner, "watch_windows", None) is not None
-
-    def wants_scalars(self, step: int | None = None) -> bool:
-        """Whether the scalars of a checked step (default: the current one) are logged.
-
-        A check that checks every step logs on the Trainer's ``log_every_n_steps`` cadence; one
-        that watches windows of batches logs every step it checks (so that its chart is a line
-        and not the one point where a window met the cadence; the budget pays for it).
-        """
-        trainer = self._trainer
-        if trainer is None:
-            return False
-        if self.sampled:
-            return True
-        stamp = trainer.global_step if step is None else step
-        return stamp % max(trainer.log_every_n_steps, 1) == 0
-
-    def queue_scalars(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Queue scalars (tags under ``grad_audit/<metric_prefix>/``) for the next write.
-
-        They are written at the end of the training batch, stamped with ``step``: by default the
-        ``global_step`` of the moment they were queued (what ``self.log`` would have used); a
-        check that reads its results later passes the step they describe.
-        """
-        prefix = f"grad_audit/{self.metric_prefix}/"
-        stamp = self.current_step if step is None else step
-        pending = self._pending_scalars.setdefault(stamp, {})
-        pending.update({prefix + k: float(v) for k, v in metrics.items()})
-
-    @property
-    def _outputs(self) -> AuditCallback:
-        """The callback whose output settings apply: the bundle's for a check inside one."""
-        return self._owner if self._owner is not None else self
-
-    def _flush_scalars(self, trainer: pl.Trainer) -> None:
-        selection = self._outputs.loggers
-        for step, metrics in sorted(self._pending_scalars.items()):
-            tb.log_scalars(trainer, metrics, step=step, selection=selection)
-        self._pending_scalars = {}
-
-    @property
-    def runs_once(self) -> bool:
-        """Whether the check runs once per fit, so that its chart has one point."""
-        return False
-
-    def tensorboard_writer(self, trainer: pl.Trainer) -> Any | None:
-        """The ``SummaryWriter`` the check writes to (rank 0, a selected TensorBoardLogger)."""
-        return tb.tensorboard_writer(trainer, self._outputs.loggers)
-
-    def scalar_charts(self) -> dict[str, list[str]]:
-        """Custom-scalars charts of this check: chart title -> tag regexes. The title of a check
-        that runs once says so: TensorBoard draws its one point as a lone dot."""
-        title = self.check_name + (" (runs once: one point)" if self.runs_once else "")
-        return {title: [f"grad_audit/{self.metric_prefix}/.*"]}
 
     # ------------------------------------------------------------------ lifecycle used by all
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -525,150 +373,9 @@ class AuditCallback(pl.Callback):
             self._write_outputs(trainer, status=status, error=repr(exception))
         self._send_back(trainer)
 
-    # ------------------------------------------------------------------ internals
-    def _agreeing_checks(self) -> list[AuditCallback]:
-        """The checks whose held errors this callback raises (a bundle's: its checks')."""
-        return [self]
 
-    def _agree_to_raise(self) -> None:
-        """Under DDP and ``on_finding="raise"``: raise on every rank if any rank holds an error.
-
-        Every rank runs it at the same hooks (``hooks._AGREE_HOOKS``), so the all-reduce is
-        entered by all of them. When one holds an error, every audit callback gathers its
-        findings first, so rank 0's report names the finding and its rank.
-        """
-        trainer = self._trainer
-        if self._owner is not None or not self._distributed_fit:
-            return
-        checks = self._agreeing_checks()
-        if not any(c.on_finding == "raise" for c in checks) or not is_distributed(trainer):
-            return
-        assert trainer is not None
-        held = next((c._held for c in checks if c._held is not None), None)
-        if not any_rank(held is not None, trainer):
-            return
-        for callback in audit_callbacks(trainer):
-            callback._gather(trainer)
-        mine: dict[str, Any] | None = None
-        if isinstance(held, Finding):
-            mine = {"finding": held.to_dict()}
-        elif held is not None:
-            mine = {"error": f"{type(held).__name__}: {held}"}
-        described = gather_objects(mine, trainer)
-        if isinstance(held, Exception):
-            raise held
-        if held is not None:
-            raise GradientAuditError(held)
-        rank, what = next((r, d) for r, d in enumerate(described) if d is not None)
-        if "finding" in what:
-            raise GradientAuditError(Finding.from_dict(what["finding"]), rank=rank)
-        raise RuntimeError(f"grad_callbacks: rank {rank} stopped training: {what['error']}")
-
-    def _gather(self, trainer: pl.Trainer) -> None:
-        """Collect every rank's findings; every rank calls this at the same hooks."""
-        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
-            return
-        gathered: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, self._log.state_dict())
-        self._remote = {
-            r: [Finding.from_dict(f) for f in fs]
-            for r, fs in enumerate(gathered)
-            if r != trainer.global_rank
-        }
-        if trainer.is_global_zero:
-            for f in self.findings:
-                if self._may_announce(f):
-                    self._announced.add(f.key)
-                    self._mark_text_dirty()
-                    warn_finding(f)
-
-    def _mark_text_dirty(self) -> None:
-        self._text_dirty = True
-        _findings_changes[0] += 1
-
-    def _write_findings_text(self, trainer: pl.Trainer) -> None:
-        """Write the findings table when the findings differ from those it last showed (once
-        per change: a run whose findings did not change since step 1 shows one table)."""
-        checks = audit_callbacks(trainer)
-        writer = self.tensorboard_writer(trainer)
-        if writer is not None:
-            findings = sorted(
-                (f for c in checks for f in c.findings),
-                key=lambda f: (-SEVERITY_RANK[f.severity], f.step, f.code),
-            )
-            signature = tb.findings_signature(findings)
-            if signature != self._text_written:
-                self._text_written = signature
-                tb.write_findings_text(writer, findings, step=trainer.global_step)
-        for c in checks:
-            c._text_dirty = False
-
-    def _write_outputs(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
-        if self._report_written or not trainer.is_global_zero:
-            return
-        self._report_written = True
-        checks = audit_callbacks(trainer)
-        self._write_findings_text(trainer)
-        report = build_report(
-            [c.report_entry() for c in checks],
-            status=status,
-            global_step=trainer.global_step,
-            world_size=trainer.world_size,
-            error=error,
-        )
-        report.update(self.report_extras())
-        directory = self.report_dir or run_log_dir(trainer)
-        if directory is None:
-            _logger.debug(
-                "grad_callbacks: the trainer has no logger, so no grad_audit.json is written "
-                "(pass report_dir=... to write one); the findings are in .findings"
-            )
-            return
-        try:
-            self.report_path = write_report(directory, report)
-        except Exception as exc:  # a full disk or an unreachable bucket must not fail the fit
-            warnings.warn(
-                f"grad_callbacks: could not write the report to {directory}: "
-                f"{type(exc).__name__}: {exc}",
-                stacklevel=2,
-            )
-
-    def report_extras(self) -> dict[str, Any]:
-        """Top-level fields the leader adds to the report."""
-        return {}
-
-    def report_entry(self) -> dict[str, Any]:
-        """This check's section of the report (with ``idle_reason`` when it checked no step)."""
-        findings = sorted(self.findings, key=lambda f: (-SEVERITY_RANK[f.severity], f.step))
-        entry = {
-            "name": self.check_name,
-            "state_key": self.state_key,
-            "settings": self.settings(),
-            "steps_checked": self.steps_checked,
-            "seconds": round(self.total_seconds, 6),
-            "findings": [f.to_dict() for f in findings],
-        }
-        if self.steps_checked == 0:
-            entry["idle_reason"] = self.idle_reason()
-        return entry
-
-    def idle_reason(self) -> str:
-        """Why the check checked no step of the run: a skip's reason, or what its schedule
-        met. Checks that know more (nothing to check in this model) say so."""
-        skipped = [f for f in self.findings if f.code == "check-skipped"]
-        if skipped:
-            return f"skipped: {skipped[0].data.get('reason', skipped[0].message)}"
-        steps = self._trainer.global_step if self._trainer is not None else 0
-        if steps == 0:
-            return "training took no optimizer step"
-        return (
-            f"no step of the run's {steps} optimizer step(s) was due under its schedule "
-            f"(every_n_steps={self.every_n_steps})"
-        )
-
-
-# The two context managers every hook enters, as classes: a generator-based @contextmanager
-# costs several times more per use, and hooks use them tens of times per training step.
+# A class, not a generator-based @contextmanager, which costs several times more per use: hooks
+# enter it tens of times per training step (as they do policy._Guard).
 class _Timer:
     """Adds the time spent in the block to ``owner.<attribute>``, without the garbage
     collector's pauses while GradientAudit runs (:mod:`grad_callbacks.core.clock`)."""
@@ -686,53 +393,6 @@ class _Timer:
     def __exit__(self, *exc: object) -> None:
         spent = perf_counter() - _GC[0] - self._start
         setattr(self._owner, self._attribute, getattr(self._owner, self._attribute) + spent)
-
-
-class _Guard:
-    __slots__ = ("_check", "_what")
-
-    def __init__(self, check: AuditCallback, what: str) -> None:
-        self._check = check
-        self._what = what
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> bool:
-        if kind is None or not isinstance(exc, Exception) or isinstance(exc, GradientAuditError):
-            return False
-        check = self._check
-        if check.on_finding == "raise":
-            if not is_distributed(check._trainer):
-                return False
-            check._held = check._held or exc  # raised on every rank at the end of the hook
-            return True
-        check.skip(f"{self._what} failed: {type(exc).__name__}: {exc}")
-        return True
-
-
-def run_log_dir(trainer: pl.Trainer) -> str | None:
-    """Where the report goes by default: the run's log directory as ``trainer.log_dir`` gives
-    it (the first logger's ``log_dir`` for TensorBoard and CSV loggers, else its ``save_dir``,
-    else ``default_root_dir``), without its collective; None when the trainer has no logger.
-
-    Without a logger Lightning logs nothing, and ``default_root_dir`` holds the checkpoints (or
-    is the working directory): the report is not put there unasked. ``fast_dev_run`` swaps the
-    loggers for Lightning's ``DummyLogger``, which writes nothing: no logger either.
-    ``Trainer.log_dir`` broadcasts from rank 0, so calling it on rank 0 alone would hang DDP.
-    """
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-    from lightning.pytorch.loggers.logger import DummyLogger
-
-    loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
-    if not loggers:
-        return None
-    logger = loggers[0]
-    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-        return str(logger.log_dir)
-    return str(logger.save_dir or trainer.default_root_dir)
 
 
 def _draws_its_own_batch(pl_module: pl.LightningModule) -> bool:
