@@ -28,9 +28,10 @@ from tests import zoo
 from tests.zoo import FirstSeen
 
 
-def slow_machine_audit() -> GradientAudit:
-    """``GradientAudit()`` whose budget spaces everything as far as it can."""
-    audit = GradientAudit(on_finding="log")
+def slow_machine_audit(**kwargs: Any) -> GradientAudit:
+    """``GradientAudit(on_finding="log", **kwargs)`` whose budget spaces everything as far as it
+    can."""
+    audit = GradientAudit(on_finding="log", **kwargs)
     assert audit.budget is not None
     audit.budget.interval = lambda run_seconds, share: 10**6  # type: ignore[method-assign]
     return audit
