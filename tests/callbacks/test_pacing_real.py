@@ -21,7 +21,7 @@ A bug planted on a real model in a gap between windows (GPT-2's embeddings outpu
 from batch 48 on) is reported within its bound. Last, a limitation, pinned: on a
 mixture-of-experts model at the default ``patience``, an expert without tokens for
 ``patience`` steps in a row and then with tokens again is reported by the full audit, and by the
-paced one only when a window covers the streak.
+paced one only when a look and a window catch the streak.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import nn
 
 from grad_callbacks import GradientAudit, GradientSanityCheck
 from grad_callbacks.callbacks.audit import DEFAULT_CHECKS
-from grad_callbacks.callbacks.pacing import LATENCY_BOUNDS
+from grad_callbacks.callbacks.pacing import FINITE_EVERY_STEPS_CPU, LATENCY_BOUNDS
 from tests import zoo, zoo_real
 from tests.callbacks.test_latency import slow_machine_audit
 from tests.zoo import FirstSeen
@@ -291,14 +291,16 @@ def test_gpt2_embeddings_detached_in_a_gap_are_found_within_the_bound() -> None:
     assert audit.watch_windows is not None and audit.watch_windows.watched_share < 0.5
 
 
-def test_streaks_of_an_intermittent_expert_the_paced_audit_misses() -> None:
+def test_short_streaks_of_an_intermittent_expert_are_the_only_alarms_the_paced_audit_misses() -> (
+    None
+):
     """At the default patience, the Switch Transformer's experts go ``patience`` steps in a row
     without tokens now and then, and get tokens again: the full audit reports each such expert
-    (``missing-grad``, as documented). The paced audit sees a streak only when a window of the
-    sanity check covers it (the sentinel's look every 8 steps opens one, hints back off after
-    windows that found nothing): it invents nothing, but may miss such streaks. The part it
-    misses is an expected failure until it is decided whether the bound of missing-grad (50
-    steps from the onset) covers a streak that ends."""
+    (``missing-grad``, as documented). The paced audit sees a streak only when the sentinel's
+    look lands early enough in it for a window of the sanity check to cover ``patience`` of its
+    steps (and hints back off after windows that found nothing): it invents nothing, and what it
+    misses are such short streaks, not a parameter that stays without a gradient (the bound of
+    ``missing-grad`` is for that one; docs/performance.md states the limit)."""
     case = CASES["switch-moe"]
     full, presence = _full_audit(PATIENCE), GradPresence()
     _fit(case, [full, presence])
@@ -310,6 +312,6 @@ def test_streaks_of_an_intermittent_expert_the_paced_audit_misses() -> None:
     reported = {p for p, n in streaks.items() if n >= PATIENCE}
     assert reported and _missing_grad(full) == reported
     assert _alarms(paced) <= _alarms(full)  # no alarm invented
-    lost = _alarms(full) - _alarms(paced)
-    if lost:
-        pytest.xfail(f"the paced audit missed {len(lost)} of {len(_alarms(full))}: {lost}")
+    lost = {name for code, name in _alarms(full) - _alarms(paced)}
+    # Every streak it missed is shorter than a look's interval plus the patience a window needs.
+    assert all(streaks[name] < FINITE_EVERY_STEPS_CPU + PATIENCE for name in lost), lost
