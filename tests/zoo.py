@@ -71,17 +71,32 @@ def fit(
 
 
 class FirstSeen(L.Callback):
-    """Records the batch at whose end each finding code first appears in ``audit.findings``
-    (the latency tests and ``benchmarks/latency.py``)."""
+    """Records the batch at whose end each finding code first appears in ``audit.findings``,
+    and the optimizer step (``global_step``) there (the latency tests and
+    ``benchmarks/latency.py``)."""
 
     def __init__(self, audit: Any) -> None:
         self.audit = audit
         self.at: dict[str, int] = {}
+        self.step_at: dict[str, int] = {}
+        self._batch_steps: dict[int, int] = {}  # batch -> global_step at its start
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._batch_steps[trainer.fit_loop.epoch_loop.total_batch_idx] = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         batch = trainer.fit_loop.epoch_loop.total_batch_idx
         for f in self.audit.findings:
-            self.at.setdefault(f.code, batch)
+            if f.code not in self.at:
+                self.at[f.code] = batch
+                self.step_at[f.code] = trainer.global_step
+
+    def steps_after(self, code: str, onset_batch: int) -> int | None:
+        """Optimizer steps from the start of batch ``onset_batch`` to the end of the batch
+        where ``code`` first appeared (None: it never did)."""
+        if code not in self.step_at:
+            return None
+        return self.step_at[code] - self._batch_steps[onset_batch]
 
 
 class Square(torch.autograd.Function):

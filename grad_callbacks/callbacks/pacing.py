@@ -225,12 +225,21 @@ class Pacing:
         self._hint_window, self._hint_seen = False, None
 
     def _manual_window_steps(self, windows: WatchWindows) -> None:
-        """Under manual optimization, short windows once every optimizer has stepped at every
-        batch so far (each then gets a judged step in a window of two batches)."""
+        """Under manual optimization, windows and gaps from the optimizer steps seen per batch:
+        short windows once every optimizer has stepped at every batch so far (each then gets a
+        judged step in a window of two batches), and gaps of at most MAX_WINDOW_GAP_STEPS
+        optimizer steps (a GAN's two optimizers take two per batch: 20 batches)."""
         steps = self._optimizer_steps
-        every_batch = bool(steps) and min(steps) >= windows.batches - 1
-        self._window_steps = WATCH_WINDOW_STEPS if every_batch else self._sanity_window_steps
-        windows.length = self._window_steps * windows.accumulate
+        batches = max(windows.batches, 1)
+        if self._sanity_on_hints:
+            every_batch = bool(steps) and min(steps) >= batches - 1
+            self._window_steps = WATCH_WINDOW_STEPS if every_batch else self._sanity_window_steps
+            windows.length = self._window_steps * windows.accumulate
+        per_batch = sum(steps) / batches
+        gap = MAX_WINDOW_GAP_STEPS * windows.accumulate
+        if per_batch > 1:
+            gap = max(int(gap / per_batch), windows.length)
+        windows.max_gap = gap
 
     def _choose_watching(self, trainer: pl.Trainer, batch_idx: int) -> None:
         windows = self.watch_windows
@@ -244,7 +253,10 @@ class Pacing:
             windows.first_length = FIRST_WINDOW_STEPS * accumulate
             windows.max_gap = MAX_WINDOW_GAP_STEPS * accumulate
         # The watching checks' time so far, where the windows read it (opening or closing).
-        spent = sum(c.total_seconds for c in self._watchers) if windows.needs_spent() else 0.0
+        needs_spent = windows.needs_spent()
+        spent = sum(c.total_seconds for c in self._watchers) if needs_spent else 0.0
+        if needs_spent and not self._automatic and windows.batches:
+            self._manual_window_steps(windows)  # before a gap is chosen
         # A window opens where an accumulation window does, so that its first step's count of
         # micro-batches is exact.
         watch = windows.watch(spent, may_open=batch_idx % windows.accumulate == 0)
@@ -265,8 +277,6 @@ class Pacing:
                 if wanted:
                     self._router.wake(check)
         self._router.rebuild()
-        if not watch and was_watching and not self._automatic and self._sanity_on_hints:
-            self._manual_window_steps(windows)
         if not sanity and self._hint_window:
             # The window opened for parameters without a gradient is over: hints wait longer
             # each time (a parameter that gets a gradient at some steps only keeps hinting).

@@ -89,9 +89,13 @@ def test_planted_bug_is_found_within_its_bound(model: str, bug: str, onset: int)
 
 @pytest.mark.parametrize("onset", ONSETS)
 def test_gan_leak_is_found_within_its_bound(onset: int) -> None:
+    """In optimizer steps: the GAN's two optimizers take two per batch (windows were spaced 40
+    batches apart, 80 steps: the leak was found 74-78 steps after its onset)."""
     audit, seen = run(zoo.LeakingGAN(onset), zoo.gan_data(n=4 * BATCHES), BATCHES)
     assert "gradient-leak" in seen.at, [f.code for f in audit.findings]
-    assert 0 <= seen.at["gradient-leak"] - onset <= LATENCY_BOUNDS["gradient-leak"]
+    steps = seen.steps_after("gradient-leak", onset)
+    assert steps is not None and 0 <= steps <= LATENCY_BOUNDS["gradient-leak"]
+    assert seen.at["gradient-leak"] - onset < steps  # more steps than batches
 
 
 def test_clean_runs_stay_silent_with_the_sentinels() -> None:
