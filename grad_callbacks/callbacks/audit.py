@@ -327,12 +327,16 @@ class GradientAudit(Pacing, AuditCallback):
         self._own_before = self._own_seconds
         if self._idle_batches:
             step = self._step_total.completed
-            if step < self._idle_until_step:
+            windows = self.watch_windows
+            # (A GradientAccumulationScheduler changes accumulate between epochs.)
+            if step < self._idle_until_step and (
+                trainer.accumulate_grad_batches == windows.accumulate  # type: ignore[union-attr]
+            ):
                 # A batch in a gap with every check asleep (see _plan_idle): count it, no more.
                 self._idle_batches -= 1
                 self._idle_now = True
                 self._step, self._batch_idx, self._one_time = step, batch_idx, False
-                self.watch_windows.batches += 1  # type: ignore[union-attr]
+                windows.batches += 1  # type: ignore[union-attr]
                 self._own_seconds += perf_counter() - _GC[0] - start
                 return
         self._idle_batches, self._idle_now = 0, False

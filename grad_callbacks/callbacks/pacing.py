@@ -222,7 +222,16 @@ class Pacing:
         )
         short = self._sanity_on_hints and self._automatic
         self._window_steps = WATCH_WINDOW_STEPS if short else self._sanity_window_steps
+        # A fit starts afresh: its steps count from its own start (a second fit with the same
+        # audit, or a resume), with a first window and no hint or request carried over.
         self._hint_window, self._hint_seen = False, None
+        self._hint_quiet_until, self._hint_wait = 0, MISSING_HINT_WAIT_STEPS[0]
+        self._clear_window = None
+        self._missing_known = (0, frozenset())
+        self._record_idle()
+        self._idle_batches, self._idle_now = 0, False
+        if self.watch_windows is not None:
+            self.watch_windows.restart()
 
     def _manual_window_steps(self, windows: WatchWindows) -> None:
         """Under manual optimization, windows and gaps from the optimizer steps seen per batch:
@@ -252,6 +261,7 @@ class Pacing:
             windows.length = self._window_steps * accumulate
             windows.first_length = FIRST_WINDOW_STEPS * accumulate
             windows.max_gap = MAX_WINDOW_GAP_STEPS * accumulate
+            windows.bound_gap()  # a gap chosen under a larger accumulate is too long now
         # The watching checks' time so far, where the windows read it (opening or closing).
         needs_spent = windows.needs_spent()
         spent = sum(c.total_seconds for c in self._watchers) if needs_spent else 0.0
@@ -304,6 +314,11 @@ class Pacing:
             self._wake(self._sanity)
             self.finite_sentinel = None  # its work is done: the sanity check reports it
             windows = self.watch_windows
+            if self._sanity_on_hints and windows is not None:
+                # No more looks, so no more hints: the sanity check watches every window again.
+                self._sanity_on_hints = False
+                self._window_steps = self._sanity_window_steps
+                windows.length = self._window_steps * windows.accumulate
             if windows is not None and not self._sanity.watching:
                 windows.request(self._sanity_window_steps * windows.accumulate)
             return
@@ -373,6 +388,10 @@ class Pacing:
             step = self._step if self._automatic else self._global_step(trainer)
             finite.check(params, step, self._batch_idx, norm_fn=norm_fn)
             self._poll_finite()
+            if finite._reads:
+                # Its values are on their way (CUDA): the next batches poll for them, so none
+                # of them is idle.
+                self._idle_batches = 0
 
     def _plan_idle(self, trainer: pl.Trainer) -> None:
         """How many of the next batches may be idle: batches with nothing for the audit to do

@@ -287,6 +287,20 @@ class WatchWindows:
             return 1
         return self.budget.interval(window_seconds, self.share)
 
+    def restart(self) -> None:
+        """A new fit: the windows start again from its first batch (a first window, no gap or
+        request carried over; the counts are the fit's)."""
+        self.batches = self.watched = 0
+        self._opened_at, self._next_open = None, 0
+        self._wanted, self._wanted_length = False, 0
+        self.capped = self.on_request = False
+
+    def bound_gap(self) -> None:
+        """In a gap, open the next window at most ``max_gap`` batches from now (after
+        ``max_gap`` was lowered: fewer batches per optimizer step)."""
+        if self._opened_at is None and self.max_gap is not None:
+            self._next_open = min(self._next_open, self.batches + self.max_gap)
+
     @property
     def in_first_window(self) -> bool:
         """Whether the window open now is the first one (from the first batch)."""

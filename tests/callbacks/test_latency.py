@@ -140,3 +140,123 @@ def test_windows_closer_than_their_share_allows_are_fixed_cost() -> None:
     capped = [scheduled for is_capped, scheduled in seen if is_capped]
     assert capped, seen
     assert all(abs(s) < 1e-9 for s in capped)  # no per-sample run here: nothing scheduled left
+
+
+# ----------------------------------------------------------------- found in review (fixed)
+class _Lagged:
+    """A HostCopy whose values land after the first time it is asked (a CUDA copy still on its
+    way at the next batch)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        from grad_callbacks.core.grad_stats import HostCopy
+
+        self._copy = HostCopy(tensor)
+        self._asked = 0
+
+    def ready(self) -> bool:
+        self._asked += 1
+        return self._asked > 1
+
+    def result(self) -> torch.Tensor:
+        return self._copy.result()
+
+
+@pytest.mark.parametrize("onset", [60, 62, 65])
+def test_a_look_whose_values_land_later_is_read_within_the_bound(
+    onset: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on an accelerator (a look every 5 steps, its values land after it): a look taken in an
+    idle batch left its read for the next look, 11 steps after the onset."""
+    import grad_callbacks.callbacks.pacing as pacing
+    import grad_callbacks.core.sentinel as sentinel
+
+    monkeypatch.setattr(sentinel, "HostCopy", _Lagged)
+    monkeypatch.setattr(pacing, "FINITE_EVERY_STEPS_CPU", pacing.FINITE_EVERY_STEPS)
+    module, data, layer = _mlp()
+    zoo.plant(module, "nan", onset, layer)
+    audit, seen = run(module, data, BATCHES)
+    steps = seen.steps_after("nonfinite-grad", onset)
+    assert steps is not None and steps <= LATENCY_BOUNDS["nonfinite-grad"]
+    (finding,) = [f for f in audit.findings if f.code == "nonfinite-grad"]
+    assert finding.step == onset
+    assert audit.idle_batch_count > 0
+
+
+def test_a_scheduler_lowering_accumulate_keeps_the_bound() -> None:
+    """accumulate 4 then 1 (GradientAccumulationScheduler): the gap chosen under 4 (160 batches)
+    was kept, and a zero_grad stopping at epoch 1 (in place, so only the windows see it) was
+    found 146 optimizer steps later."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    batches = 240
+    module = zoo.SetToNoneFalse()
+    zoo.plant(module, "no_zero_grad", batches, module.net[0])
+    audit = slow_machine_audit()
+    seen = FirstSeen(audit)
+    torch.manual_seed(0)
+    zoo.fit(
+        module,
+        [audit, seen, GradientAccumulationScheduler({0: 4, 1: 1})],
+        data=zoo.regression_data(n=4 * batches),
+        max_steps=-1,
+        max_epochs=2,
+        limit_train_batches=batches,
+    )
+    steps = seen.steps_after("missing-zero-grad", batches)
+    assert steps is not None and 0 <= steps <= LATENCY_BOUNDS["missing-zero-grad"]
+
+
+class _OneNaNBatch(zoo.MLP):
+    """Batch 20's inputs are NaN; the module drops non-finite gradients before stepping."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.trainer.fit_loop.epoch_loop.total_batch_idx == 20:
+            x = x * float("nan")
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if any(not torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None):
+            for p in self.parameters():
+                p.grad = None
+
+
+def test_missing_grad_is_still_found_after_a_nan() -> None:
+    """After a NaN the sentinel stops looking: its hints stopped with it, and a layer detached
+    later was never reported. The sanity check now watches every window again."""
+    onset = 60
+    module = _OneNaNBatch()
+    zoo.plant(module, "detach", onset, module.net[0])
+    audit, seen = run(module, zoo.regression_data(n=4 * 150), 150)
+    assert audit.finite_sentinel is None  # it saw the NaN
+    steps = seen.steps_after("missing-grad", onset)
+    assert steps is not None and 0 <= steps <= LATENCY_BOUNDS["missing-grad"]
+
+
+def test_a_second_fit_with_the_same_audit_starts_afresh() -> None:
+    """A second Trainer.fit (global_step from 0 again) kept the first fit's hint waits (in its
+    steps) and windows (no first window): a layer detached early in it was not reported."""
+    audit = slow_machine_audit()
+    first = zoo.MLP()
+    zoo.plant(first, "detach", 80, first.net[0])
+    data = zoo.regression_data(n=4 * BATCHES)
+    zoo.fit(first, [audit], data=data, max_steps=-1, limit_train_batches=BATCHES)
+    assert audit._hint_quiet_until > 17  # waits set in the first fit's steps
+    second = _Body()  # other parameter names: its finding is not merged with the first's
+    zoo.plant(second, "detach", 17, second.body[0])
+    zoo.fit(second, [audit], data=data, max_steps=-1, limit_train_batches=BATCHES)
+    new = [f for f in audit.findings if f.code == "missing-grad" and f.params[0].startswith("body")]
+    assert new and all(17 <= f.step <= 17 + LATENCY_BOUNDS["missing-grad"] for f in new)
+
+
+class _Body(zoo.MLP):
+    """:class:`zoo.MLP` with its layers under ``body``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = self.net
+        del self.net
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.body(x), y)
