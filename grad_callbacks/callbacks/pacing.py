@@ -234,21 +234,30 @@ class Pacing:
             self.watch_windows.restart()
 
     def _manual_window_steps(self, windows: WatchWindows) -> None:
-        """Under manual optimization, windows and gaps from the optimizer steps seen per batch:
-        short windows once every optimizer has stepped at every batch so far (each then gets a
-        judged step in a window of two batches), and gaps of at most MAX_WINDOW_GAP_STEPS
-        optimizer steps (a GAN's two optimizers take two per batch: 20 batches)."""
-        steps = self._optimizer_steps
+        """Under manual optimization, windows and gaps from the optimizer steps seen per batch.
+
+        A window holds two steps of every optimizer that has stepped (the zero-grad check judges
+        an optimizer's second step in it): two batches where every optimizer steps at every
+        batch, twice the batches between two steps of the slowest otherwise (a generator
+        stepping every 5th batch: 10), and at least the sanity check's window where it watches
+        the spaced windows. Gaps are at most MAX_WINDOW_GAP_STEPS optimizer steps (a GAN's two
+        optimizers take two per batch: 20 batches)."""
+        steps = [n for n in self._optimizer_steps if n]
         batches = max(windows.batches, 1)
-        if self._sanity_on_hints:
-            every_batch = bool(steps) and min(steps) >= batches - 1
-            self._window_steps = WATCH_WINDOW_STEPS if every_batch else self._sanity_window_steps
-            windows.length = self._window_steps * windows.accumulate
+        if steps:
+            slowest = 2 * max(1, round(batches / min(steps)))  # two steps of the slowest
+            length = max(WATCH_WINDOW_STEPS, min(slowest, MAX_WINDOW_GAP_STEPS // 2))
+        else:
+            length = self._sanity_window_steps
+        if not self._sanity_on_hints:
+            length = max(length, self._sanity_window_steps)
+        self._window_steps = length
+        windows.length = length * windows.accumulate
         per_batch = sum(steps) / batches
         gap = MAX_WINDOW_GAP_STEPS * windows.accumulate
         if per_batch > 1:
-            gap = max(int(gap / per_batch), windows.length)
-        windows.max_gap = gap
+            gap = int(gap / per_batch)
+        windows.max_gap = max(gap, windows.length)
 
     def _choose_watching(self, trainer: pl.Trainer, batch_idx: int) -> None:
         windows = self.watch_windows

@@ -260,3 +260,38 @@ class _Body(zoo.MLP):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         return torch.nn.functional.mse_loss(self.body(x), y)
+
+
+class _NCritic(zoo.GAN):
+    """WGAN-style: the discriminator steps at every batch, the generator at every 5th; the
+    generator's zero_grad stops at batch ``onset``."""
+
+    def __init__(self, onset: int) -> None:
+        super().__init__()
+        self.onset = onset
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real = batch[0]
+        opt_g, opt_d = self.optimizers()
+        _, d_loss = self._losses(real)
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        if batch_idx % 5 == 4:
+            g_loss, _ = self._losses(real)
+            if self.trainer.fit_loop.epoch_loop.total_batch_idx < self.onset:
+                opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+
+
+def test_an_optimizer_stepping_every_few_batches_is_judged_in_the_windows() -> None:
+    """Windows of 4 batches held at most one step of a generator stepping every 5th batch: its
+    missing zero_grad was never found (and the clear sentinel's window, finding nothing, stood
+    it down). Windows now hold two steps of the slowest optimizer."""
+    onset = 30
+    audit, seen = run(_NCritic(onset), zoo.gan_data(n=4 * 200), 200)
+    steps = seen.steps_after("missing-zero-grad", onset)
+    assert steps is not None and 0 <= steps <= LATENCY_BOUNDS["missing-zero-grad"]
+    (finding,) = [f for f in audit.findings if f.code == "missing-zero-grad"]
+    assert all(name.startswith("generator") for name in finding.params)
