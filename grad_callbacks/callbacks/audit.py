@@ -345,8 +345,7 @@ class GradientAudit(Pacing, AuditCallback):
         for i in router.awake_indices:
             self._touch(i)
         try:
-            total = self._step_total
-            step = self._step = trainer.global_step if total is None else total.completed
+            step = self._step = self._global_step(trainer)
             # The batches before the first optimizer step carry the one-time audit.
             self._one_time = step == 0
             self._batch_idx = batch_idx

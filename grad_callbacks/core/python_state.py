@@ -179,6 +179,21 @@ class _Namespace:
     read: Callable[[], MutableMapping[str, Any] | types.MappingProxyType[str, Any]]
     inner: list[tuple[str, _Container | _TensorCopy]] = field(default_factory=list)
 
+    @classmethod
+    def over(
+        cls, name: str, kind: str, own: dict[str, Any], values: dict[str, Any] | None = None
+    ) -> _Namespace:
+        """A namespace that is a plain dict (an instance's ``__dict__``, a module's globals),
+        watching ``values`` of it (default: all of it)."""
+        return cls(
+            name,
+            kind,
+            dict(own) if values is None else values,
+            own.__setitem__,
+            lambda k: own.pop(k, None),
+            lambda: own,
+        )
+
 
 def _members(value: Any) -> list[tuple[Any, Any]]:
     """``(key, item)`` of a list, tuple, deque or dict; none of a set (what it holds is
@@ -264,16 +279,7 @@ class PythonState:
             own = sub.__dict__
             label = prefix or "self"
             values = {k: v for k, v in own.items() if k not in _MODULE_TABLES}
-            namespaces.append(
-                _Namespace(
-                    label,
-                    "instance",
-                    values,
-                    own.__setitem__,
-                    lambda k, own=own: own.pop(k, None),
-                    lambda own=own: own,
-                )
-            )
+            namespaces.append(_Namespace.over(label, "instance", own, values))
             for klass in type(sub).__mro__:
                 if _user_class(klass) and klass is not object:
                     classes.setdefault(id(klass), klass)
@@ -282,17 +288,7 @@ class PythonState:
             for key, value in ns.values.items():
                 if id(value) not in objects and _user_object(value):
                     objects[id(value)] = value
-                    own = value.__dict__
-                    namespaces.append(
-                        _Namespace(
-                            f"{ns.name}.{key}",
-                            "object",
-                            dict(own),
-                            own.__setitem__,
-                            lambda k, own=own: own.pop(k, None),
-                            lambda own=own: own,
-                        )
-                    )
+                    namespaces.append(_Namespace.over(f"{ns.name}.{key}", "object", value.__dict__))
         for klass in classes.values():
             namespaces.append(
                 _Namespace(
@@ -312,16 +308,8 @@ class PythonState:
             globs = getattr(fn, "__globals__", None)
             if isinstance(globs, dict) and id(globs) not in seen_globals:
                 seen_globals.add(id(globs))
-                namespaces.append(
-                    _Namespace(
-                        f"{globs.get('__name__', '?')} (globals)",
-                        "globals",
-                        dict(globs),
-                        globs.__setitem__,
-                        lambda k, g=globs: g.pop(k, None),
-                        lambda g=globs: g,
-                    )
-                )
+                name = f"{globs.get('__name__', '?')} (globals)"
+                namespaces.append(_Namespace.over(name, "globals", globs))
             code = getattr(fn, "__code__", None)
             for var, cell in zip(
                 getattr(code, "co_freevars", ()), getattr(fn, "__closure__", None) or (),
